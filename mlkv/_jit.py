@@ -1,0 +1,59 @@
+"""The one place that configures Numba for mlkv.
+
+Every kernel module imports :data:`kernel` from here, so the Numba cache directory is set
+before the first ``@kernel`` decorator runs. A read-only site-packages (a system install, a
+container image) cannot hold Numba's cache beside the sources, so kernels are cached in a
+per-user directory instead:
+
+1. ``NUMBA_CACHE_DIR`` if the user set it (Numba's own setting wins);
+2. else ``MLKV_CACHE_DIR`` if set;
+3. else ``$XDG_CACHE_HOME/mlkv/numba`` (``~/.cache/mlkv/numba``);
+4. else, when that is not writable, a directory under the system temp dir.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+
+def _writable_dir(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".probe-")
+        probe.close()
+        return True
+    except OSError:
+        return False
+
+
+def numba_cache_dir() -> str:
+    """The directory Numba caches mlkv's compiled kernels in (see module docstring)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return os.environ["NUMBA_CACHE_DIR"]
+    candidates = []
+    if os.environ.get("MLKV_CACHE_DIR"):
+        candidates.append(os.environ["MLKV_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    candidates.append(os.path.join(xdg, "mlkv", "numba"))
+    candidates.append(os.path.join(tempfile.gettempdir(), f"mlkv-numba-{os.getuid()}"))
+    for path in candidates:
+        if _writable_dir(path):
+            return path
+    return candidates[-1]
+
+
+_CACHE_DIR = numba_cache_dir()
+os.environ.setdefault("NUMBA_CACHE_DIR", _CACHE_DIR)
+
+import numba  # noqa: E402  (must follow the environment set-up above)
+
+# Numba may have been imported by the user before mlkv: its config is read at import, so set
+# it directly too. Dispatchers read it when they are decorated, which happens after this line.
+numba.config.CACHE_DIR = _CACHE_DIR
+
+#: The decorator every mlkv kernel uses: compiled once, cached on disk, releasing the GIL so
+#: Python threads can run kernels side by side (``parallel=True`` is avoided on purpose: its
+#: OpenMP layer crashes forked DataLoader workers).
+kernel = functools.partial(numba.njit, cache=True, nogil=True, error_model="numpy")

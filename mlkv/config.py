@@ -1,0 +1,153 @@
+"""Store settings: what is fixed when a store is made, and what each ``open`` may choose.
+
+``StoreSettings`` persist beside the data (``settings.json``); reopening with a different value
+of any of them raises :class:`~mlkv.errors.SettingsMismatchError`. ``memory_bytes`` and
+``policy`` are chosen per ``open`` (the last choice is remembered as the default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from .errors import CorruptionError, SettingsMismatchError
+
+FORMAT_VERSION = 1
+DTYPES = ("float32", "float16", "float64")
+INITS = ("uniform", "normal", "zeros")
+DEFAULT_MEMORY_BYTES = 256 << 20
+DEFAULT_PAGE_BITS = 20          # 1 MiB pages
+MIN_PAGE_BITS = 12              # 4 KiB: the O_DIRECT alignment unit
+DEFAULT_SEGMENT_BITS = 28       # 256 MiB segment files: the unit compaction frees
+MIN_FRAMES = 4                  # the buffer pool never has fewer page frames than this
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSettings:
+    """Settings fixed at creation.
+
+    Attributes
+    ----------
+    dim : int
+        Embedding values per row.
+    dtype : str
+        ``"float32"``, ``"float16"`` or ``"float64"``.
+    state_dim : int
+        float32 optimizer-state values stored beside each row.
+    init, init_scale, seed
+        ``get_or_init`` initializer: ``uniform`` draws from U(-scale, scale), ``normal`` from
+        N(0, scale**2), ``zeros`` gives zeros; deterministic per (key, seed).
+    page_bits : int
+        Log pages are ``2**page_bits`` bytes.
+    segment_bits : int
+        Segment files hold ``2**segment_bits`` bytes of log each.
+    """
+
+    dim: int
+    dtype: str = "float32"
+    state_dim: int = 0
+    init: str = "uniform"
+    init_scale: float = 0.01
+    seed: int = 0
+    page_bits: int = DEFAULT_PAGE_BITS
+    segment_bits: int = DEFAULT_SEGMENT_BITS
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        _check_int("dim", self.dim, minimum=1)
+        _check_int("state_dim", self.state_dim, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("page_bits", self.page_bits, minimum=MIN_PAGE_BITS)
+        _check_int("segment_bits", self.segment_bits, minimum=self.page_bits)
+        if self.page_bits > 30:
+            raise ValueError(f"page_bits must be at most 30, got {self.page_bits}")
+        if self.segment_bits > 40:
+            raise ValueError(f"segment_bits must be at most 40, got {self.segment_bits}")
+        if str(self.dtype) not in DTYPES:
+            raise TypeError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not np.isfinite(self.init_scale) or self.init_scale < 0:
+            raise ValueError(f"init_scale must be a finite number >= 0, got {self.init_scale!r}")
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    # ---- persistence -------------------------------------------------------------------
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> "StoreSettings":
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CorruptionError(
+                f"{source}: store format version {version!r} is not supported by this mlkv "
+                f"(it reads version {FORMAT_VERSION})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (TypeError, ValueError) as exc:
+            raise CorruptionError(f"{source}: invalid settings: {exc}") from exc
+
+    def check_same(self, requested: dict, path: str) -> None:
+        """Raise SettingsMismatchError naming every requested setting that differs."""
+        diffs = []
+        for name, value in requested.items():
+            if value is None:
+                continue
+            stored = getattr(self, name)
+            if name == "dtype":
+                value = _dtype_name(value)
+            if value != stored:
+                diffs.append(f"{name}={value!r} (the store has {name}={stored!r})")
+        if diffs:
+            raise SettingsMismatchError(
+                f"store at {path!r} was made with other settings: asked for " + ", ".join(diffs))
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        return np.dtype(dtype).name
+    except TypeError as exc:
+        raise TypeError(f"dtype must be one of {DTYPES}, got {dtype!r}") from exc
+
+
+def default_page_bits(memory_bytes: int) -> int:
+    """Largest page size up to 1 MiB that still gives the buffer pool 16 frames."""
+    bits = DEFAULT_PAGE_BITS
+    while bits > MIN_PAGE_BITS and (memory_bytes >> bits) < 16:
+        bits -= 1
+    return bits
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write JSON to ``path`` through a fsynced temporary file renamed into place."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptionError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CorruptionError(f"{path}: expected a JSON object")
+    return data

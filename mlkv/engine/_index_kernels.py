@@ -1,0 +1,113 @@
+"""Numba kernels of the hash index (see :mod:`mlkv.engine.index`).
+
+The index is two parallel int64 arrays of power-of-two length: ``slot_keys`` and
+``slot_addrs``. A slot is empty when its address is ``-1`` (keys may be any int64, so no key
+value can mark emptiness). Collisions probe linearly; deletion shifts later entries of the
+probe run back, so no tombstones are ever needed.
+"""
+
+import numpy as np
+
+from .._jit import kernel
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30 = np.uint64(30)
+_S27 = np.uint64(27)
+_S31 = np.uint64(31)
+
+
+@kernel
+def mix64(x):
+    """splitmix64's finalizer: a bijection of uint64 that spreads every input bit."""
+    x = (x ^ (x >> _S30)) * _M1
+    x = (x ^ (x >> _S27)) * _M2
+    return x ^ (x >> _S31)
+
+
+@kernel
+def home_slot(key, mask):
+    return np.int64(mix64(np.uint64(key)) & np.uint64(mask))
+
+
+@kernel
+def find_slot(slot_keys, slot_addrs, key):
+    """Slot holding ``key``, or ``-(s + 1)`` where ``s`` is the empty slot ending its probe run."""
+    mask = slot_keys.shape[0] - 1
+    s = home_slot(key, mask)
+    while True:
+        if slot_addrs[s] < 0:
+            return -(s + 1)
+        if slot_keys[s] == key:
+            return s
+        s = (s + 1) & mask
+
+
+@kernel
+def remove_slot(slot_keys, slot_addrs, s):
+    """Empty slot ``s`` and shift back the entries whose probe run passed through it."""
+    mask = slot_keys.shape[0] - 1
+    hole = s
+    j = s
+    while True:
+        j = (j + 1) & mask
+        if slot_addrs[j] < 0:
+            break
+        home = home_slot(slot_keys[j], mask)
+        # Move j into the hole unless its home lies cyclically in (hole, j].
+        if (j > hole and (home <= hole or home > j)) or (j < hole and (home <= hole and home > j)):
+            slot_keys[hole] = slot_keys[j]
+            slot_addrs[hole] = slot_addrs[j]
+            hole = j
+    slot_addrs[hole] = -1
+    slot_keys[hole] = 0
+
+
+@kernel
+def lookup(slot_keys, slot_addrs, keys, out_addrs):
+    """``out_addrs[i]`` = address of ``keys[i]``, or -1. Returns how many were missing."""
+    missing = 0
+    for i in range(keys.shape[0]):
+        s = find_slot(slot_keys, slot_addrs, keys[i])
+        if s >= 0:
+            out_addrs[i] = slot_addrs[s]
+        else:
+            out_addrs[i] = -1
+            missing += 1
+    return missing
+
+
+@kernel
+def assign(slot_keys, slot_addrs, keys, addrs):
+    """Insert or overwrite ``keys[i] -> addrs[i]``. Returns how many keys were new."""
+    inserted = 0
+    for i in range(keys.shape[0]):
+        s = find_slot(slot_keys, slot_addrs, keys[i])
+        if s < 0:
+            s = -s - 1
+            slot_keys[s] = keys[i]
+            inserted += 1
+        slot_addrs[s] = addrs[i]
+    return inserted
+
+
+@kernel
+def rehash(old_keys, old_addrs, new_keys, new_addrs):
+    """Insert every live entry of the old arrays into the (empty) new ones."""
+    for s in range(old_keys.shape[0]):
+        if old_addrs[s] >= 0:
+            t = -find_slot(new_keys, new_addrs, old_keys[s]) - 1
+            new_keys[t] = old_keys[s]
+            new_addrs[t] = old_addrs[s]
+
+
+@kernel
+def live_entries(slot_keys, slot_addrs, out_keys, out_addrs):
+    """Copy live (key, address) pairs in slot order into the outputs; returns their count."""
+    n = 0
+    for s in range(slot_keys.shape[0]):
+        if slot_addrs[s] >= 0:
+            out_keys[n] = slot_keys[s]
+            out_addrs[n] = slot_addrs[s]
+            n += 1
+    return n

@@ -1,0 +1,249 @@
+"""Numba kernels of the HybridLog's batched operations (see :mod:`mlkv.engine.ops`).
+
+Every kernel works on plain arrays of one store:
+
+- ``slot_keys, slot_addrs``: the hash index (:mod:`._index_kernels`).
+- ``words``: the buffer pool's frames viewed as int64, shape ``[n_frames, page_bytes // 8]``;
+  ``vals`` the same memory viewed as the store dtype and ``f32`` as float32. Page ``p`` lives
+  in frame ``p % n_frames`` while ``head <= p * page_bytes <= tail``.
+- ``dirty``: uint8 per frame, set by every write so the page is flushed before reuse.
+- ``geo``: int64 geometry, indexed by the ``G_*`` constants below.
+- ``marks``: int64 markers, indexed by the ``M_*`` constants; kernels advance the tail.
+
+Kernels that append take a ``start`` position and stop early, returning the position
+reached, when the tail needs a page beyond ``marks[M_LIMIT_PAGE]`` (no free frame). The caller
+evicts the oldest pages and calls again from there: a batch never waits on a callback, and a
+batch larger than the whole buffer pool works. Every key's change is made only after its
+allocation succeeded, so a stop leaves no half-written key.
+"""
+
+import numpy as np
+
+from .._jit import kernel
+from ._index_kernels import find_slot, mix64, remove_slot
+
+# geometry
+G_PAGE_BITS, G_FRAMES, G_RECORD_WORDS, G_DIM, G_STATE_DIM, G_VALUE_OFFSET, G_STATE_OFFSET, \
+    G_ITEMSIZE = range(8)
+# markers
+M_BEGIN, M_HEAD, M_READ_ONLY, M_TAIL, M_OPEN_PAGE, M_LIMIT_PAGE = range(6)
+N_MARKS = 6
+
+FLAGS_SHIFT = np.int64(48)
+VALID = np.int64(1)
+TOMBSTONE = np.int64(2)
+
+POLICY_FIFO, POLICY_SECOND_CHANCE, POLICY_FREQUENCY = 0, 1, 2
+FREQUENCY_THRESHOLD = 2
+
+
+@kernel
+def allocate(words, dirty, geo, marks):
+    """Address of one new record at the tail, or -1 when its page has no free frame.
+
+    Records never straddle pages: a record that would cross the page end starts the next
+    page. A page is zeroed when first opened, so padding and fresh state read as zeros.
+    """
+    page_bits = geo[G_PAGE_BITS]
+    record_bytes = geo[G_RECORD_WORDS] * 8
+    tail = marks[M_TAIL]
+    page = tail >> page_bits
+    if (tail & ((1 << page_bits) - 1)) + record_bytes > (1 << page_bits):
+        page += 1
+        tail = page << page_bits
+    if page > marks[M_OPEN_PAGE]:
+        if page > marks[M_LIMIT_PAGE]:
+            return -1
+        words[page % geo[G_FRAMES], :] = 0
+        marks[M_OPEN_PAGE] = page
+    dirty[page % geo[G_FRAMES]] = 1
+    marks[M_TAIL] = tail + record_bytes
+    return tail
+
+
+@kernel
+def _frame_word(geo, address):
+    """(frame, word offset) of an in-memory address."""
+    page_bits = geo[G_PAGE_BITS]
+    return (address >> page_bits) % geo[G_FRAMES], (address & ((1 << page_bits) - 1)) >> 3
+
+
+@kernel
+def _admit(policy, counters, key, count):
+    """Whether a read of a row below read_only copies it to the tail (see policy.py)."""
+    if policy == POLICY_SECOND_CHANCE:
+        return True
+    if policy == POLICY_FREQUENCY:
+        c = np.int64(mix64(np.uint64(key)) & np.uint64(counters.shape[0] - 1))
+        if count and counters[c] < 255:
+            counters[c] += 1
+        return counters[c] >= FREQUENCY_THRESHOLD
+    return False
+
+
+@kernel
+def _copy_values_out(vals, geo, frame, word, out, i):
+    base = (word * 8 + geo[G_VALUE_OFFSET]) // geo[G_ITEMSIZE]
+    for j in range(geo[G_DIM]):
+        out[i, j] = vals[frame, base + j]
+
+
+@kernel
+def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, start,
+                  want_values, out, addrs_out, cold_pos, n_cold, policy, counters):
+    """First pass of a read: serve rows in memory, list the rows on disk.
+
+    For ``keys[start:]``: a missing key gets address -1; a row at or above ``head`` has its
+    values copied into ``out`` (when ``want_values``), after being copied to the tail first
+    if it sits below ``read_only`` and the policy admits it; a row below ``head`` is listed in
+    ``cold_pos`` for :func:`finish_cold`. Returns ``(position reached, n_cold)``.
+    """
+    words_per_record = geo[G_RECORD_WORDS]
+    for i in range(start, keys.shape[0]):
+        s = find_slot(slot_keys, slot_addrs, keys[i])
+        if s < 0:
+            addrs_out[i] = -1
+            continue
+        a = slot_addrs[s]
+        if a < marks[M_HEAD]:
+            _admit(policy, counters, keys[i], True)
+            addrs_out[i] = a
+            cold_pos[n_cold] = i
+            n_cold += 1
+            continue
+        if a < marks[M_READ_ONLY] and _admit(policy, counters, keys[i], True):
+            new = allocate(words, dirty, geo, marks)
+            if new < 0:
+                return i, n_cold
+            f0, w0 = _frame_word(geo, a)
+            f1, w1 = _frame_word(geo, new)
+            words[f1, w1:w1 + words_per_record] = words[f0, w0:w0 + words_per_record]
+            slot_addrs[s] = new
+            a = new
+        addrs_out[i] = a
+        if want_values:
+            f, w = _frame_word(geo, a)
+            _copy_values_out(vals, geo, f, w, out, i)
+    return keys.shape[0], n_cold
+
+
+@kernel
+def finish_cold(slot_keys, slot_addrs, words, dirty, geo, marks, keys, cold_pos, cold_addrs,
+                rec_words, rec_vals, rec_index, start, want_values, out, policy, counters):
+    """Second pass of a read: rows read from disk into ``rec_words`` (one record per row).
+
+    Copies values into ``out`` and, where the policy admits, copies the
+    record to the tail, but only if the index still points at the address that was read (a
+    duplicate key in the batch, or a write since the read, has moved it: nothing to do).
+    Returns the position reached in ``cold_pos``.
+    """
+    words_per_record = geo[G_RECORD_WORDS]
+    base = geo[G_VALUE_OFFSET] // geo[G_ITEMSIZE]
+    for c in range(start, cold_pos.shape[0]):
+        i = cold_pos[c]
+        r = rec_index[c]
+        if want_values:
+            for j in range(geo[G_DIM]):
+                out[i, j] = rec_vals[r, base + j]
+        if _admit(policy, counters, keys[i], False):
+            s = find_slot(slot_keys, slot_addrs, keys[i])
+            if s >= 0 and slot_addrs[s] == cold_addrs[c]:
+                new = allocate(words, dirty, geo, marks)
+                if new < 0:
+                    return c
+                f, w = _frame_word(geo, new)
+                words[f, w:w + words_per_record] = rec_words[r, :]
+                slot_addrs[s] = new
+    return cold_pos.shape[0]
+
+
+@kernel
+def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys, values,
+               start):
+    """Upsert ``keys[start:]`` with ``values``; optimizer state is reset to zeros.
+
+    In place at or above ``read_only``; elsewhere a new record at the tail. A key repeated in
+    the batch is written twice, the second time in place: the last write wins.
+    Returns ``(position reached, keys inserted)``.
+    """
+    dim = geo[G_DIM]
+    value_base = geo[G_VALUE_OFFSET] // geo[G_ITEMSIZE]
+    state_base = geo[G_STATE_OFFSET] // 4
+    inserted = 0
+    for i in range(start, keys.shape[0]):
+        s = find_slot(slot_keys, slot_addrs, keys[i])
+        if s >= 0 and slot_addrs[s] >= marks[M_READ_ONLY]:
+            f, w = _frame_word(geo, slot_addrs[s])
+            for k in range(geo[G_STATE_DIM]):
+                f32[f, w * 2 + state_base + k] = 0.0
+        else:
+            new = allocate(words, dirty, geo, marks)
+            if new < 0:
+                return i, inserted
+            f, w = _frame_word(geo, new)
+            words[f, w] = VALID << FLAGS_SHIFT
+            words[f, w + 1] = keys[i]
+            if s >= 0:
+                slot_addrs[s] = new
+            else:
+                slot_keys[-s - 1] = keys[i]
+                slot_addrs[-s - 1] = new
+                inserted += 1
+        dirty[f] = 1
+        v0 = w * 8 // geo[G_ITEMSIZE] + value_base
+        for j in range(dim):
+            vals[f, v0 + j] = values[i, j]
+    return keys.shape[0], inserted
+
+
+@kernel
+def delete_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, start):
+    """Remove ``keys[start:]`` from the index, appending a tombstone record for each.
+
+    Absent keys are skipped. Returns ``(position reached, keys removed)``.
+    """
+    removed = 0
+    for i in range(start, keys.shape[0]):
+        s = find_slot(slot_keys, slot_addrs, keys[i])
+        if s < 0:
+            continue
+        new = allocate(words, dirty, geo, marks)
+        if new < 0:
+            return i, removed
+        f, w = _frame_word(geo, new)
+        words[f, w] = (VALID | TOMBSTONE) << FLAGS_SHIFT
+        words[f, w + 1] = keys[i]
+        remove_slot(slot_keys, slot_addrs, s)
+        removed += 1
+    return keys.shape[0], removed
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53
+_SHIFT11 = np.uint64(11)
+
+
+@kernel
+def _unit(base, j):
+    """The j-th uniform float64 in [0, 1) of a row's stream."""
+    return np.float64(mix64(base + np.uint64(j + 1) * _GOLDEN) >> _SHIFT11) * _TO_UNIT
+
+
+@kernel
+def init_values(keys, seed, kind, scale, out):
+    """Deterministic initial rows: ``out[i]`` depends only on (``keys[i]``, ``seed``).
+
+    kind 0: U(-scale, scale); kind 1: N(0, scale**2) by Box-Muller; kind 2: zeros.
+    """
+    seed_mix = mix64(np.uint64(seed) + _GOLDEN)
+    for i in range(keys.shape[0]):
+        base = mix64(np.uint64(keys[i]) ^ seed_mix)
+        for j in range(out.shape[1]):
+            if kind == 0:
+                out[i, j] = (2.0 * _unit(base, j) - 1.0) * scale
+            elif kind == 1:
+                u1 = _unit(base, 2 * j)
+                u2 = _unit(base, 2 * j + 1)
+                out[i, j] = np.sqrt(-2.0 * np.log(1.0 - u1)) * np.cos(2.0 * np.pi * u2) * scale
+            else:
+                out[i, j] = 0.0

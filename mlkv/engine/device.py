@@ -1,0 +1,207 @@
+"""Segment files: where log pages go when they leave memory, and where cold rows come from.
+
+The log's address space is cut into segment files of ``2**segment_bits`` bytes,
+``segment-000000.log``, ``segment-000001.log``, ...; page ``p`` sits at byte
+``(p << page_bits) % segment_bytes`` of segment ``(p << page_bits) >> segment_bits``.
+
+The OS page cache must not become a second, unbounded cache of the table. Where the file
+system allows it, segments are opened with ``O_DIRECT``: page writes and row reads bypass the
+page cache entirely. Elsewhere (tmpfs, some network file systems) the device falls back to
+buffered I/O with ``POSIX_FADV_RANDOM`` and drops what it read or wrote with
+``POSIX_FADV_DONTNEED`` after each batch.
+
+Reads of cold rows are sorted by address, merged into runs of adjacent blocks, and split over
+``io_threads`` Python threads, each running a GIL-free kernel that calls ``pread``: a batch
+keeps many reads in flight instead of waiting on the disk one row at a time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import mmap
+import os
+
+import numpy as np
+
+from ..errors import DeviceError
+from . import _device_kernels as K
+
+BLOCK_BYTES = 4096
+MAX_RUN_BYTES = 256 << 10
+MIN_ROWS_PER_THREAD = 32
+DEFAULT_IO_THREADS = 8
+
+
+def aligned_empty(nbytes: int, alignment: int = BLOCK_BYTES) -> np.ndarray:
+    """An uninitialised uint8 array whose data starts on an ``alignment`` boundary.
+
+    The memory comes from an anonymous mmap, so it is page-aligned and takes no resident
+    memory until it is touched.
+    """
+    buf = mmap.mmap(-1, max(nbytes, 1) + alignment)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % alignment
+    return raw[offset:offset + nbytes]
+
+
+class FileDevice:
+    """Segment files in one directory.
+
+    Parameters
+    ----------
+    directory : str
+        Where the segment files live.
+    page_bits, segment_bits : int
+        Log geometry (see :mod:`mlkv.engine.layout`).
+    readonly : bool
+        Open files read-only; writes raise ``DeviceError``.
+    direct : bool or None
+        Use ``O_DIRECT``; ``None`` tries it and falls back to buffered I/O.
+    io_threads : int
+        Threads a batch's cold reads are split over.
+    """
+
+    def __init__(self, directory, page_bits, segment_bits, readonly=False, direct=None,
+                 io_threads=DEFAULT_IO_THREADS):
+        self.directory = directory
+        self.page_bits = page_bits
+        self.segment_bits = segment_bits
+        self.readonly = readonly
+        self.direct = _supports_direct(directory) if direct is None else direct
+        self.io_threads = max(1, int(io_threads))
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.read_calls = 0
+        self._fds = np.full(16, -1, dtype=np.int32)
+        self._scratch = [aligned_empty(MAX_RUN_BYTES + 2 * BLOCK_BYTES)
+                         for _ in range(self.io_threads)]
+        self._pool = None
+        for name in sorted(os.listdir(directory)):
+            if name.startswith("segment-") and name.endswith(".log"):
+                self._open(int(name[8:-4]), create=False)
+
+    # ---- files ---------------------------------------------------------------------------
+    def segment_path(self, segment: int) -> str:
+        return os.path.join(self.directory, f"segment-{segment:06d}.log")
+
+    def segments(self) -> list[int]:
+        return [int(s) for s in np.flatnonzero(self._fds >= 0)]
+
+    def disk_bytes(self) -> int:
+        return sum(os.fstat(int(self._fds[s])).st_size for s in self.segments())
+
+    def _open(self, segment: int, create: bool) -> int:
+        if segment >= self._fds.shape[0]:
+            grown = np.full(max(segment + 1, 2 * self._fds.shape[0]), -1, dtype=np.int32)
+            grown[:self._fds.shape[0]] = self._fds
+            self._fds = grown
+        if self._fds[segment] < 0:
+            flags = os.O_RDONLY if self.readonly else os.O_RDWR | (os.O_CREAT if create else 0)
+            if self.direct:
+                flags |= os.O_DIRECT
+            try:
+                fd = os.open(self.segment_path(segment), flags, 0o644)
+            except OSError as exc:
+                raise DeviceError(f"cannot open {self.segment_path(segment)}: {exc}") from exc
+            if not self.direct:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self._fds[segment] = fd
+        return int(self._fds[segment])
+
+    # ---- writes --------------------------------------------------------------------------
+    def write_pages(self, first_page: int, pages: list) -> None:
+        """Write consecutive whole pages (aligned uint8 arrays) starting at ``first_page``."""
+        if self.readonly:
+            raise DeviceError("device is read-only")
+        pages_per_segment = 1 << (self.segment_bits - self.page_bits)
+        page = first_page
+        while pages:
+            segment = page // pages_per_segment
+            take = min(len(pages), pages_per_segment - page % pages_per_segment)
+            fd = self._open(segment, create=True)
+            offset = (page % pages_per_segment) << self.page_bits
+            length = take << self.page_bits
+            try:
+                written = os.pwritev(fd, pages[:take], offset)
+            except OSError as exc:
+                raise DeviceError(f"writing {self.segment_path(segment)}: {exc}") from exc
+            if written != length:
+                raise DeviceError(f"short write to {self.segment_path(segment)}: "
+                                  f"{written} of {length} bytes")
+            if not self.direct:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+            self.bytes_written += length
+            pages = pages[take:]
+            page += take
+
+    def read_page(self, page: int, out: np.ndarray) -> None:
+        """Read one whole page into ``out`` (an aligned uint8 array of the page size)."""
+        pages_per_segment = 1 << (self.segment_bits - self.page_bits)
+        fd = self._open(page // pages_per_segment, create=False)
+        got = os.preadv(fd, [out], (page % pages_per_segment) << self.page_bits)
+        if got != out.nbytes:
+            raise DeviceError(f"short read of page {page}: {got} of {out.nbytes} bytes")
+        self.bytes_read += got
+
+    def sync(self) -> None:
+        """Make every write so far durable (fsync each segment)."""
+        for s in self.segments():
+            os.fsync(int(self._fds[s]))
+
+    # ---- reads ---------------------------------------------------------------------------
+    def read_records(self, addrs: np.ndarray, record_bytes: int) -> np.ndarray:
+        """Records at sorted, unique ``addrs``, as a uint8 array ``[len(addrs), record_bytes]``."""
+        out = np.empty((addrs.shape[0], record_bytes), dtype=np.uint8)
+        n_threads = min(self.io_threads, max(1, addrs.shape[0] // MIN_ROWS_PER_THREAD))
+        bounds = np.linspace(0, addrs.shape[0], n_threads + 1).astype(np.int64)
+        args = [(addrs[lo:hi], out[lo:hi], self._scratch[t])
+                for t, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+        if len(args) == 1:
+            results = [self._read_part(*args[0])]
+        else:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.io_threads, thread_name_prefix="mlkv-io")
+            results = list(self._pool.map(lambda a: self._read_part(*a), args))
+        self.bytes_read += sum(results)
+        if not self.direct:
+            for s in np.unique(addrs >> self.segment_bits):
+                os.posix_fadvise(int(self._fds[s]), 0, 0, os.POSIX_FADV_DONTNEED)
+        return out
+
+    def _read_part(self, addrs, out, scratch) -> int:
+        got = K.read_records(self._fds, self.segment_bits, addrs, out.shape[1], BLOCK_BYTES,
+                             MAX_RUN_BYTES, scratch, out)
+        if got < 0:
+            address = int(addrs[-got - 1])
+            segment = address >> self.segment_bits
+            raise DeviceError(
+                f"short read at log address {address} in {self.segment_path(segment)}")
+        self.read_calls += 1
+        return got
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        for s in self.segments():
+            os.close(int(self._fds[s]))
+            self._fds[s] = -1
+
+
+def _supports_direct(directory: str) -> bool:
+    probe = os.path.join(directory, ".direct-probe")
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        buf = aligned_empty(BLOCK_BYTES)
+        buf[:] = 0
+        return os.pwritev(fd, [buf], 0) == BLOCK_BYTES
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(probe)

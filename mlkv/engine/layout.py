@@ -1,0 +1,107 @@
+"""Bit and byte layouts of addresses, records and record headers.
+
+Logical address
+---------------
+A logical address is a byte offset into the ever-growing log::
+
+    63                 segment_bits                page_bits                 0
+    +-----------------------+---------------------------+--------------------+
+    |   segment number      |  page within segment      |  byte within page  |
+    +-----------------------+---------------------------+--------------------+
+
+Records never straddle a page: a page holds ``records_per_page`` records from its start and
+the bytes after the last one are padding. ``-1`` is "no address" in every array.
+
+Record
+------
+Every record of a store has the same size, a multiple of 8 bytes::
+
+    offset 0        8        16                     16 + dim*itemsize (rounded up to 4)
+    +--------+--------+----------------------------+---------------------------+-----+
+    | header |  key   |  value[dim]  (store dtype) | state[state_dim] (float32)| pad |
+    +--------+--------+----------------------------+---------------------------+-----+
+
+Header (one little-endian uint64)
+---------------------------------
+::
+
+    63        56 55        48 47                              16 15               0
+    +-----------+------------+---------------------------------+------------------+
+    | reserved  |   flags    |            version              | pending reads    |
+    +-----------+------------+---------------------------------+------------------+
+
+- ``pending reads``: rows handed to training whose update has not come back (staleness).
+- ``version``: number of writes of this key so far, carried across copies to the tail.
+- ``flags``: bit 0 ``VALID`` (a written record; all-zero padding has it clear),
+  bit 1 ``TOMBSTONE`` (the key was deleted here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+HEADER_BYTES = 8
+KEY_BYTES = 8
+NO_ADDRESS = -1
+
+PENDING_MASK = np.uint64(0xFFFF)
+VERSION_SHIFT = 16
+VERSION_MASK = 0xFFFFFFFF
+FLAGS_SHIFT = 48
+FLAG_VALID = 1
+FLAG_TOMBSTONE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordLayout:
+    """Byte offsets of one store's records and how they pack into pages."""
+
+    dim: int
+    itemsize: int
+    state_dim: int
+    page_bits: int
+    segment_bits: int
+
+    @property
+    def value_offset(self) -> int:
+        return HEADER_BYTES + KEY_BYTES
+
+    @property
+    def value_bytes(self) -> int:
+        return self.dim * self.itemsize
+
+    @property
+    def state_offset(self) -> int:
+        return _round_up(self.value_offset + self.value_bytes, 4)
+
+    @property
+    def state_bytes(self) -> int:
+        return 4 * self.state_dim
+
+    @property
+    def record_bytes(self) -> int:
+        return _round_up(self.state_offset + self.state_bytes, 8)
+
+    @property
+    def page_bytes(self) -> int:
+        return 1 << self.page_bits
+
+    @property
+    def records_per_page(self) -> int:
+        return self.page_bytes // self.record_bytes
+
+    def check(self) -> None:
+        if self.records_per_page < 1:
+            raise ValueError(
+                f"a record of {self.record_bytes} bytes does not fit a page of "
+                f"{self.page_bytes} bytes: raise page_bits")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+def page_of(address: int, page_bits: int) -> int:
+    return address >> page_bits

@@ -1,0 +1,139 @@
+"""Batched operations over one store's index, log and device.
+
+Each operation reads top to bottom as one algorithm. Appending kernels stop when the tail
+needs a frame that is not free; the loop then evicts the oldest pages
+(:meth:`HybridLog.make_room`) and resumes the kernel where it stopped.
+
+Inputs are already checked by :class:`mlkv.Store`: ``keys`` is a contiguous int64 vector and
+``values`` a contiguous ``[n, dim]`` array of the store's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from . import _log_kernels as K
+from .device import FileDevice
+from .index import HashIndex
+from .layout import RecordLayout
+from .log import HybridLog
+from .policy import CachePolicy
+
+
+@dataclasses.dataclass
+class Engine:
+    """The parts one store is made of."""
+
+    layout: RecordLayout
+    dtype: np.dtype
+    index: HashIndex
+    log: HybridLog
+    device: FileDevice
+    policy: CachePolicy
+    counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
+        ("gets", "hits", "misses", "promotions"), 0))
+
+
+def _run(eng: Engine, step) -> None:
+    """Call ``step(position) -> position`` until it reports done (None), evicting in between."""
+    pos = step(0)
+    while pos is not None:
+        eng.log.make_room()
+        pos = step(pos)
+    eng.log.shift_read_only()
+
+
+def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: int | None = None):
+    """Values of ``keys`` (``[n, dim]``) and their addresses (-1 where missing).
+
+    1. Rows in memory are served in one kernel pass; rows below ``read_only`` that the
+       policy admits are first copied to the tail. Rows on disk are listed.
+    2. The listed rows are read from disk at once, address-sorted, each record once however
+       often its key repeats in the batch, and copied to the tail where the policy admits.
+    """
+    log, idx = eng.log, eng.index
+    policy = eng.policy.code if policy_code is None else policy_code
+    n = keys.shape[0]
+    out = np.empty((n if want_values else 0, eng.layout.dim), dtype=eng.dtype)
+    addrs = np.empty(n, dtype=np.int64)
+    cold_pos = np.empty(n, dtype=np.int64)
+    n_cold = 0
+
+    def serve_resident(pos):
+        nonlocal n_cold
+        pos, n_cold = K.read_resident(
+            idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.dirty, log.geo, log.marks,
+            keys, pos, want_values, out, addrs, cold_pos, n_cold, policy, eng.policy.counters)
+        return None if pos == n else pos
+
+    _run(eng, serve_resident)
+    if n_cold:
+        cold_pos = cold_pos[:n_cold]
+        cold_addrs = addrs[cold_pos]
+        unique_addrs, rec_index = np.unique(cold_addrs, return_inverse=True)
+        records = eng.device.read_records(unique_addrs, eng.layout.record_bytes)
+        rec_words, rec_vals = records.view(np.int64), records.view(eng.dtype)
+
+        def finish(pos):
+            pos = K.finish_cold(
+                idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo, log.marks, keys,
+                cold_pos, cold_addrs, rec_words, rec_vals, rec_index, pos, want_values, out,
+                policy, eng.policy.counters)
+            return None if pos == n_cold else pos
+
+        _run(eng, finish)
+    eng.policy.after_reads(n)
+    eng.counts["misses"] += n_cold
+    eng.counts["hits"] += n - n_cold
+    return out, addrs
+
+
+def upsert(eng: Engine, keys: np.ndarray, values: np.ndarray) -> None:
+    """Write ``values`` for ``keys`` (optimizer state reset to zeros); the last repeat wins."""
+    log, idx = eng.log, eng.index
+    idx.reserve(keys.shape[0])
+
+    def write(pos):
+        pos, inserted = K.write_rows(idx.slot_keys, idx.slot_addrs, log.words, log.vals,
+                                     log.f32, log.dirty, log.geo, log.marks, keys, values, pos)
+        idx.count += inserted
+        return None if pos == keys.shape[0] else pos
+
+    _run(eng, write)
+
+
+def delete(eng: Engine, keys: np.ndarray) -> int:
+    """Remove ``keys`` (absent ones are skipped); returns how many were removed."""
+    log, idx = eng.log, eng.index
+    removed = 0
+
+    def remove(pos):
+        nonlocal removed
+        pos, r = K.delete_rows(idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo,
+                               log.marks, keys, pos)
+        idx.count -= r
+        removed += r
+        return None if pos == keys.shape[0] else pos
+
+    _run(eng, remove)
+    return removed
+
+
+def create_missing(eng: Engine, keys: np.ndarray, init_kind: int, init_scale: float,
+                   seed: int) -> int:
+    """Insert the absent ``keys`` with their initial rows; returns how many were created."""
+    absent = keys[eng.index.lookup(keys) < 0]
+    if absent.shape[0] == 0:
+        return 0
+    absent = np.unique(absent)
+    values = np.empty((absent.shape[0], eng.layout.dim), dtype=eng.dtype)
+    K.init_values(absent, seed, init_kind, init_scale, values)
+    upsert(eng, absent, values)
+    return absent.shape[0]
+
+
+def lookahead(eng: Engine, keys: np.ndarray) -> None:
+    """Bring the rows of ``keys`` to the mutable region (absent keys are skipped)."""
+    read(eng, keys, want_values=False, policy_code=K.POLICY_SECOND_CHANCE)

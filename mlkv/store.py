@@ -1,0 +1,398 @@
+"""The Store facade: input checks, locking and statistics around the engine."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+
+import numpy as np
+
+from . import config
+from .config import StoreSettings
+from .engine import checkpoint, ops
+from .engine.device import FileDevice
+from .engine.index import HashIndex
+from .engine.layout import RecordLayout
+from .engine.log import HybridLog
+from .engine.policy import DEFAULT_POLICY, CachePolicy
+from .errors import ClosedStoreError, MlkvError, ReadOnlyError, StoreLockedError
+
+SETTINGS = "settings.json"
+_INIT_KINDS = {name: i for i, name in enumerate(config.INITS)}
+_MAX_NAMED_MISSING = 10
+
+
+def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=None,
+         init_scale=None, seed=None, policy=None, readonly=False, page_bits=None,
+         segment_bits=None, io_threads=None) -> "Store":
+    """Create or reopen the store at ``path``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A directory; created if absent.
+    dim : int, optional
+        Values per row. Required to create; checked against the store on reopen.
+    dtype : {"float32", "float16", "float64"}, optional
+        Dtype of the values (default float32). Checked on reopen.
+    memory_bytes : int, optional
+        Budget of the in-memory buffer pool (default 256 MiB, or what the store used last).
+    state_dim : int, optional
+        float32 optimizer-state values kept beside each row (default 0).
+    init, init_scale, seed : optional
+        ``get_or_init``'s initializer: ``"uniform"`` (default, U(-init_scale, init_scale)),
+        ``"normal"`` (N(0, init_scale**2)) or ``"zeros"``; rows depend only on (key, seed).
+    policy : {"second_chance", "fifo", "frequency"}, optional
+        Cache policy (see :mod:`mlkv.engine.policy`); may change on each open.
+    readonly : bool
+        Open without the write lock; writes raise :class:`ReadOnlyError`.
+    page_bits, segment_bits : int, optional
+        Log geometry, fixed at creation (defaults pick pages that give the buffer pool at
+        least 16 frames, up to 1 MiB, and 256 MiB segment files).
+    io_threads : int, optional
+        Threads that read cold rows from disk in parallel (default 8).
+
+    Returns
+    -------
+    Store
+
+    Raises
+    ------
+    SettingsMismatchError
+        A fixed setting differs from the one the store was made with.
+    StoreLockedError
+        Another process has the store open for writing.
+    CorruptionError
+        A store file is damaged.
+    """
+    return Store(os.fspath(path), dict(dim=dim, dtype=dtype, state_dim=state_dim, init=init,
+                                       init_scale=init_scale, seed=seed, page_bits=page_bits,
+                                       segment_bits=segment_bits),
+                 memory_bytes=memory_bytes, policy=policy, readonly=readonly,
+                 io_threads=io_threads)
+
+
+class Store:
+    """A larger-than-memory table of rows keyed by int64; see :func:`mlkv.open`."""
+
+    def __init__(self, path, requested, memory_bytes, policy, readonly, io_threads):
+        self.path = path
+        self.readonly = readonly
+        self._lock = threading.RLock()
+        self._lock_fd = None
+        self._closed = True
+        if memory_bytes is not None:
+            config._check_int("memory_bytes", memory_bytes, minimum=1)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise NotADirectoryError(f"store path {path!r} is a file, not a directory")
+        settings_path = os.path.join(path, SETTINGS)
+        if os.path.exists(settings_path):
+            saved = config.read_json(settings_path)
+            self.settings = StoreSettings.from_json(saved.get("settings", {}), settings_path)
+            self.settings.check_same(requested, path)
+            memory_bytes = memory_bytes or saved.get("memory_bytes", config.DEFAULT_MEMORY_BYTES)
+            policy = policy or saved.get("policy", DEFAULT_POLICY)
+        else:
+            if readonly:
+                raise FileNotFoundError(f"no mlkv store at {path!r} to open read-only")
+            if requested["dim"] is None:
+                raise ValueError(f"no store at {path!r} yet: pass dim= to create one")
+            if os.path.isdir(path) and os.listdir(path):
+                raise MlkvError(f"{path!r} is a non-empty directory that is not an mlkv store")
+            memory_bytes = memory_bytes or config.DEFAULT_MEMORY_BYTES
+            policy = policy or DEFAULT_POLICY
+            self.settings = _new_settings(requested, memory_bytes)
+        policy_obj = CachePolicy(policy)
+        s = self.settings
+        self.layout = RecordLayout(s.dim, s.np_dtype.itemsize, s.state_dim, s.page_bits,
+                                   s.segment_bits)
+        self.layout.check()
+        if memory_bytes < config.MIN_FRAMES * self.layout.page_bytes:
+            raise ValueError(
+                f"memory_bytes={memory_bytes} is below the minimum buffer pool of "
+                f"{config.MIN_FRAMES} pages of {self.layout.page_bytes} bytes")
+        self.memory_bytes = int(memory_bytes)
+        os.makedirs(path, exist_ok=True)
+        if not readonly:
+            self._take_lock()
+        try:
+            if not os.path.exists(settings_path):
+                self._write_settings(policy)
+            manifest = checkpoint.load_manifest(path)
+            index = checkpoint.load_index(path, manifest) if manifest else HashIndex()
+            device = FileDevice(path, s.page_bits, s.segment_bits, readonly=readonly,
+                                **({} if io_threads is None else {"io_threads": io_threads}))
+            log = HybridLog(self.layout, s.np_dtype, self.memory_bytes, device)
+            if manifest:
+                log.restore(manifest["begin"], manifest["tail"])
+            self._engine = ops.Engine(self.layout, s.np_dtype, index, log, device, policy_obj)
+            if not readonly and (saved_policy := policy) is not None:
+                self._write_settings(saved_policy)
+        except BaseException:
+            self._release_lock()
+            raise
+        self.checkpoint_id = manifest["checkpoint_id"] if manifest else 0
+        self._counts = dict.fromkeys(("gets", "puts", "deletes", "lookaheads", "created"), 0)
+        self._closed = False
+
+    # ---- properties -----------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        return self.settings.dim
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.settings.np_dtype
+
+    @property
+    def state_dim(self) -> int:
+        return self.settings.state_dim
+
+    @property
+    def policy(self) -> str:
+        return self._engine.policy.name
+
+    @property
+    def engine(self) -> ops.Engine:
+        """The engine's parts (index, log, device): for tools and tests, not a stable API."""
+        return self._engine
+
+    # ---- rows -----------------------------------------------------------------------------
+    def put(self, keys, values) -> None:
+        """Upsert rows: ``values[i]`` becomes the row of ``keys[i]``; the last repeat wins.
+
+        The row's optimizer state is reset to zeros, as a freshly initialised row has.
+        """
+        keys = self._keys(keys)
+        values = self._values(values, keys.shape[0])
+        with self._lock:
+            self._check_writable()
+            ops.upsert(self._engine, keys, values)
+            self._counts["puts"] += keys.shape[0]
+
+    def get(self, keys) -> np.ndarray:
+        """Rows of ``keys`` as a new ``[n, dim]`` array.
+
+        Raises
+        ------
+        KeyError
+            Naming (up to 10 of) the keys not in the store.
+        """
+        keys = self._keys(keys)
+        with self._lock:
+            self._check_open()
+            out, addrs = ops.read(self._engine, keys)
+            self._counts["gets"] += keys.shape[0]
+        if keys.shape[0] and addrs.min() < 0:
+            missing = keys[addrs < 0]
+            named = ", ".join(str(k) for k in missing[:_MAX_NAMED_MISSING])
+            more = " ..." if missing.shape[0] > _MAX_NAMED_MISSING else ""
+            raise KeyError(f"{missing.shape[0]} of {keys.shape[0]} keys are not in the store: "
+                           f"[{named}{more}]")
+        return out
+
+    def get_or_init(self, keys) -> np.ndarray:
+        """Rows of ``keys``; absent keys are first created with the store's initializer."""
+        keys = self._keys(keys)
+        s = self.settings
+        with self._lock:
+            self._check_writable()
+            self._counts["created"] += ops.create_missing(
+                self._engine, keys, _INIT_KINDS[s.init], s.init_scale, s.seed)
+            out, _ = ops.read(self._engine, keys)
+            self._counts["gets"] += keys.shape[0]
+        return out
+
+    def contains(self, keys) -> np.ndarray:
+        """Boolean ``[n]``: whether each key has a row."""
+        keys = self._keys(keys)
+        with self._lock:
+            self._check_open()
+            return self._engine.index.lookup(keys) >= 0
+
+    def delete(self, keys) -> int:
+        """Remove the rows of ``keys``; absent keys are ignored. Returns how many were removed."""
+        keys = self._keys(keys)
+        with self._lock:
+            self._check_writable()
+            removed = ops.delete(self._engine, keys)
+            self._counts["deletes"] += removed
+        return removed
+
+    def lookahead(self, keys) -> None:
+        """Hint: bring the rows of ``keys`` into memory (the mutable region) ahead of use.
+
+        Absent keys are ignored; nothing is returned. On a read-only store it does nothing.
+        """
+        keys = self._keys(keys)
+        with self._lock:
+            self._check_open()
+            if self.readonly:
+                return
+            ops.lookahead(self._engine, keys)
+            self._counts["lookaheads"] += keys.shape[0]
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._check_open()
+            return self._engine.index.count
+
+    def __contains__(self, key) -> bool:
+        return bool(self.contains([key])[0])
+
+    def keys(self) -> np.ndarray:
+        """Every key, in log order (the order their rows are stored on disk)."""
+        with self._lock:
+            self._check_open()
+            keys, addrs = self._engine.index.entries()
+        return keys[np.argsort(addrs, kind="stable")]
+
+    def items(self, batch: int = 65536):
+        """Yield ``(keys, values)`` batches of up to ``batch`` rows, in log order.
+
+        Reading for export does not disturb the cache (no row is copied to the tail). Rows
+        written or deleted during the iteration may or may not be seen.
+        """
+        config._check_int("batch", batch, minimum=1)
+        keys = self.keys()
+        for lo in range(0, keys.shape[0], batch):
+            chunk = keys[lo:lo + batch]
+            with self._lock:
+                self._check_open()
+                out, addrs = ops.read(self._engine, chunk, policy_code=0)
+            present = addrs >= 0
+            if not present.all():
+                chunk, out = chunk[present], out[present]
+            yield chunk, out
+
+    # ---- durability -----------------------------------------------------------------------
+    def checkpoint(self) -> int:
+        """Make every write so far durable; returns the checkpoint's id."""
+        with self._lock:
+            self._check_writable()
+            eng = self._engine
+            self.checkpoint_id = checkpoint.save(self.path, eng.log, eng.index, eng.device)
+            return self.checkpoint_id
+
+    def close(self) -> None:
+        """Checkpoint (unless read-only) and release memory, files and the lock. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if not self.readonly:
+                    self.checkpoint()
+            finally:
+                self._closed = True
+                self._engine.device.close()
+                self._release_lock()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        state = "closed" if self._closed else f"{self._engine.index.count} rows"
+        return (f"<mlkv.Store {self.path!r} dim={self.dim} dtype={self.dtype.name} "
+                f"{state}>")
+
+    # ---- statistics -----------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters and sizes.
+
+        ``gets`` rows asked for; ``hits`` rows served from memory; ``misses`` and
+        ``disk_reads`` rows read from disk; ``bytes_read`` / ``bytes_written`` device
+        traffic; ``resident_bytes`` buffer-pool pages in use plus the index; ``addresses``
+        the log markers ``begin <= head <= read_only <= tail``.
+        """
+        with self._lock:
+            self._check_open()
+            eng = self._engine
+            return {
+                **self._counts,
+                "rows": eng.index.count,
+                "hits": eng.counts["hits"],
+                "misses": eng.counts["misses"],
+                "disk_reads": eng.counts["misses"],
+                "bytes_read": eng.device.bytes_read,
+                "bytes_written": eng.device.bytes_written,
+                "resident_bytes": eng.log.resident_bytes + eng.index.nbytes,
+                "buffer_pool_bytes": eng.log.resident_bytes,
+                "index_bytes": eng.index.nbytes,
+                "memory_bytes": self.memory_bytes,
+                "disk_bytes": eng.device.disk_bytes(),
+                "record_bytes": self.layout.record_bytes,
+                "policy": eng.policy.name,
+                "checkpoint_id": self.checkpoint_id,
+                "addresses": eng.log.markers(),
+            }
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _check_open(self):
+        if self._closed:
+            raise ClosedStoreError(f"store at {self.path!r} is closed")
+
+    def _check_writable(self):
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError(f"store at {self.path!r} is open read-only")
+
+    def _keys(self, keys) -> np.ndarray:
+        arr = np.asarray(keys)
+        if arr.ndim != 1:
+            raise ValueError(f"keys must be a 1-D array, got shape {arr.shape}")
+        if arr.size == 0:
+            return np.empty(0, dtype=np.int64)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"keys must be integers (int64), got dtype {arr.dtype}")
+        if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
+            raise ValueError("keys must fit in int64; got uint64 values above 2**63 - 1")
+        return np.ascontiguousarray(arr, dtype=np.int64)
+
+    def _values(self, values, n) -> np.ndarray:
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "fiu":
+            raise TypeError(f"values must be numbers ({self.dtype.name}), got dtype {arr.dtype}")
+        if arr.shape != (n, self.dim):
+            raise ValueError(f"values must have shape ({n}, {self.dim}) for {n} keys, "
+                             f"got {arr.shape}")
+        return np.ascontiguousarray(arr, dtype=self.dtype)
+
+    def _write_settings(self, policy):
+        config.write_json_atomic(os.path.join(self.path, SETTINGS), {
+            "settings": self.settings.to_json(), "memory_bytes": self.memory_bytes,
+            "policy": policy})
+
+    def _take_lock(self):
+        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"store at {self.path!r} is open for writing elsewhere (another process, or "
+                f"another Store object in this one); close it first or open with readonly=True")
+        self._lock_fd = fd
+
+    def _release_lock(self):
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _new_settings(requested: dict, memory_bytes: int) -> StoreSettings:
+    given = {k: v for k, v in requested.items() if v is not None}
+    if "dtype" in given:
+        given["dtype"] = config._dtype_name(given["dtype"])
+    if "page_bits" not in given:
+        dim = given["dim"] if isinstance(given["dim"], (int, np.integer)) else 1
+        itemsize = np.dtype(given.get("dtype", "float32")).itemsize
+        record = 16 + dim * itemsize + 4 * int(given.get("state_dim") or 0) + 8
+        given["page_bits"] = max(config.default_page_bits(memory_bytes),
+                                 int(np.ceil(np.log2(record))))
+    if "segment_bits" not in given:
+        given["segment_bits"] = max(config.DEFAULT_SEGMENT_BITS, given["page_bits"])
+    return StoreSettings(**given)
