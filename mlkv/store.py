@@ -25,7 +25,7 @@ _MAX_NAMED_MISSING = 10
 
 def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=None,
          init_scale=None, seed=None, policy=None, readonly=False, page_bits=None,
-         segment_bits=None, io_threads=None) -> "Store":
+         segment_bits=None, io_threads=None, direct_io=None) -> "Store":
     """Create or reopen the store at ``path``.
 
     Parameters
@@ -52,6 +52,9 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
         least 16 frames, up to 1 MiB, and 256 MiB segment files).
     io_threads : int, optional
         Threads that read cold rows from disk in parallel (default 8).
+    direct_io : bool, optional
+        Bypass the OS page cache with ``O_DIRECT`` (default: where the file system allows).
+        ``False`` uses buffered I/O and drops the pages it touched after each batch.
 
     Returns
     -------
@@ -70,13 +73,13 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
                                        init_scale=init_scale, seed=seed, page_bits=page_bits,
                                        segment_bits=segment_bits),
                  memory_bytes=memory_bytes, policy=policy, readonly=readonly,
-                 io_threads=io_threads)
+                 io_threads=io_threads, direct_io=direct_io)
 
 
 class Store:
     """A larger-than-memory table of rows keyed by int64; see :func:`mlkv.open`."""
 
-    def __init__(self, path, requested, memory_bytes, policy, readonly, io_threads):
+    def __init__(self, path, requested, memory_bytes, policy, readonly, io_threads, direct_io):
         self.path = path
         self.readonly = readonly
         self._lock = threading.RLock()
@@ -98,7 +101,7 @@ class Store:
                 raise FileNotFoundError(f"no mlkv store at {path!r} to open read-only")
             if requested["dim"] is None:
                 raise ValueError(f"no store at {path!r} yet: pass dim= to create one")
-            if os.path.isdir(path) and os.listdir(path):
+            if os.path.isdir(path) and set(os.listdir(path)) - {"lock"}:
                 raise MlkvError(f"{path!r} is a non-empty directory that is not an mlkv store")
             memory_bytes = memory_bytes or config.DEFAULT_MEMORY_BYTES
             policy = policy or DEFAULT_POLICY
@@ -117,18 +120,17 @@ class Store:
         if not readonly:
             self._take_lock()
         try:
-            if not os.path.exists(settings_path):
-                self._write_settings(policy)
             manifest = checkpoint.load_manifest(path)
             index = checkpoint.load_index(path, manifest) if manifest else HashIndex()
             device = FileDevice(path, s.page_bits, s.segment_bits, readonly=readonly,
+                                direct=direct_io,
                                 **({} if io_threads is None else {"io_threads": io_threads}))
             log = HybridLog(self.layout, s.np_dtype, self.memory_bytes, device)
             if manifest:
                 log.restore(manifest["begin"], manifest["tail"])
             self._engine = ops.Engine(self.layout, s.np_dtype, index, log, device, policy_obj)
-            if not readonly and (saved_policy := policy) is not None:
-                self._write_settings(saved_policy)
+            if not readonly:
+                self._write_settings(policy)        # remember this open's choices
         except BaseException:
             self._release_lock()
             raise

@@ -1,0 +1,81 @@
+"""The ``mlkv`` command (also ``python -m mlkv``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _info(args) -> int:
+    from .store import open as open_store
+    with open_store(args.path, readonly=True) as store:
+        stats = store.stats()
+        settings = store.settings.to_json()
+        info = {
+            "path": args.path,
+            "settings": settings,
+            "rows": stats["rows"],
+            "record_bytes": stats["record_bytes"],
+            "addresses": stats["addresses"],
+            "checkpoint_id": stats["checkpoint_id"],
+            "disk_bytes": stats["disk_bytes"],
+            "segments": len(store.engine.device.segments()),
+            "memory_bytes": stats["memory_bytes"],
+            "index_bytes": stats["index_bytes"],
+            "policy": stats["policy"],
+        }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    mib = 1 << 20
+    s = settings
+    print(f"store       {args.path}")
+    print(f"settings    dim={s['dim']} dtype={s['dtype']} state_dim={s['state_dim']} "
+          f"init={s['init']}({s['init_scale']}) seed={s['seed']} page_bits={s['page_bits']} "
+          f"segment_bits={s['segment_bits']} format={s['format_version']}")
+    print(f"rows        {info['rows']:,} ({info['record_bytes']} bytes a record)")
+    a = info["addresses"]
+    print(f"markers     begin={a['begin']:,} head={a['head']:,} read_only={a['read_only']:,} "
+          f"tail={a['tail']:,}")
+    print(f"checkpoint  {info['checkpoint_id']}")
+    print(f"disk        {info['disk_bytes'] / mib:,.1f} MiB in {info['segments']} segment files")
+    print(f"memory      buffer pool {info['memory_bytes'] / mib:,.1f} MiB, index "
+          f"{info['index_bytes'] / mib:,.1f} MiB; policy {info['policy']}")
+    return 0
+
+
+def _demo(args) -> int:
+    from . import demo
+    demo.run(memory_mib=args.memory_mib, ratio=args.ratio, dim=args.dim, batch=args.batch,
+             path=args.path)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mlkv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="settings, rows, markers, disk and memory use of a store")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_info)
+    p = sub.add_parser("demo", help="write a table 8x larger than memory, read it back, check it")
+    p.add_argument("--memory-mib", type=int, default=32, help="buffer pool budget (MiB)")
+    p.add_argument("--ratio", type=int, default=8, help="table size / memory budget")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--path", default=None, help="keep the store here (default: a temp dir)")
+    p.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as exc:  # the command line shows the error, not a traceback
+        from .errors import MlkvError
+        if isinstance(exc, (MlkvError, OSError, ValueError)):
+            print(f"mlkv: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
