@@ -57,3 +57,37 @@ numba.config.CACHE_DIR = _CACHE_DIR
 #: Python threads can run kernels side by side (``parallel=True`` is avoided on purpose: its
 #: OpenMP layer crashes forked DataLoader workers).
 kernel = functools.partial(numba.njit, cache=True, nogil=True, error_model="numpy")
+
+
+from llvmlite import ir as _ir  # noqa: E402
+from numba import types as _types  # noqa: E402
+from numba.core import cgutils as _cgutils  # noqa: E402
+from numba.extending import intrinsic as _intrinsic  # noqa: E402
+
+
+@_intrinsic
+def prefetch(typingctx, array, index):
+    """``prefetch(array, i)``: ask the CPU to bring the cache line of ``array.flat[i]`` in.
+
+    A hint with no effect on results. Kernels that visit rows at random addresses prefetch a
+    few iterations ahead, so several cache misses are in flight instead of one (the index and
+    the buffer pool are far larger than the CPU caches).
+    """
+    sig = _types.void(array, index)
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        ary = context.make_array(array_type)(context, builder, args[0])
+        data = builder.bitcast(ary.data, _ir.PointerType(_ir.IntType(8)))
+        index = context.cast(builder, args[1], signature.args[1], _types.intp)
+        offset = builder.mul(index, context.get_constant(_types.intp, array_type.dtype.bitwidth // 8))
+        ptr = builder.gep(data, [offset])
+        i32 = _ir.IntType(32)
+        fn = _cgutils.get_or_insert_function(
+            builder.module, _ir.FunctionType(_ir.VoidType(), [ptr.type, i32, i32, i32]),
+            "llvm.prefetch.p0i8")
+        # read, high temporal locality, data cache
+        builder.call(fn, [ptr, _ir.Constant(i32, 0), _ir.Constant(i32, 3), _ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -19,8 +19,8 @@ allocation succeeded, so a stop leaves no half-written key.
 
 import numpy as np
 
-from .._jit import kernel
-from ._index_kernels import find_slot, mix64, remove_slot
+from .._jit import kernel, prefetch
+from ._index_kernels import find_slot, home_slot, mix64, remove_slot
 
 # geometry
 G_PAGE_BITS, G_FRAMES, G_RECORD_WORDS, G_DIM, G_STATE_DIM, G_VALUE_OFFSET, G_STATE_OFFSET, \
@@ -34,6 +34,8 @@ VALID = np.int64(1)
 TOMBSTONE = np.int64(2)
 
 POLICY_FIFO, POLICY_SECOND_CHANCE, POLICY_FREQUENCY = 0, 1, 2
+#: how many keys ahead the batched kernels prefetch index slots and records
+PREFETCH_DISTANCE = 8
 FREQUENCY_THRESHOLD = 2
 
 
@@ -89,6 +91,34 @@ def _copy_values_out(vals, geo, frame, word, out, i):
 
 
 @kernel
+def find_slots(slot_keys, slot_addrs, keys, start):
+    """``find_slot`` for ``keys[start:]``, prefetching home slots a few keys ahead."""
+    n = keys.shape[0]
+    mask = slot_keys.shape[0] - 1
+    slots = np.empty(n - start, dtype=np.int64)
+    for i in range(start, n):
+        if i + PREFETCH_DISTANCE < n:
+            h = home_slot(keys[i + PREFETCH_DISTANCE], mask)
+            prefetch(slot_keys, h)
+            prefetch(slot_addrs, h)
+        slots[i - start] = find_slot(slot_keys, slot_addrs, keys[i])
+    return slots
+
+
+@kernel
+def _prefetch_record(words, geo, marks, slot_addrs, slot):
+    """Prefetch the cache lines of the record an index slot points at, if it is in memory."""
+    if slot >= 0:
+        a = slot_addrs[slot]
+        if a >= marks[M_HEAD]:
+            f, w = _frame_word(geo, a)
+            base = f * words.shape[1] + w
+            for k in range(0, geo[G_RECORD_WORDS], 8):
+                prefetch(words, base + k)
+            prefetch(words, base + geo[G_RECORD_WORDS] - 1)
+
+
+@kernel
 def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, start,
                   want_values, out, addrs_out, cold_pos, n_cold, policy, counters):
     """First pass of a read: serve rows in memory, list the rows on disk.
@@ -99,8 +129,13 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
     ``cold_pos`` for :func:`finish_cold`. Returns ``(position reached, n_cold)``.
     """
     words_per_record = geo[G_RECORD_WORDS]
-    for i in range(start, keys.shape[0]):
-        s = find_slot(slot_keys, slot_addrs, keys[i])
+    n = keys.shape[0]
+    # A read inserts and removes no key, so the slots found up front stay valid.
+    slots = find_slots(slot_keys, slot_addrs, keys, start)
+    for i in range(start, n):
+        if want_values and i + PREFETCH_DISTANCE < n:
+            _prefetch_record(words, geo, marks, slot_addrs, slots[i + PREFETCH_DISTANCE - start])
+        s = slots[i - start]
         if s < 0:
             addrs_out[i] = -1
             continue
@@ -124,7 +159,7 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
         if want_values:
             f, w = _frame_word(geo, a)
             _copy_values_out(vals, geo, f, w, out, i)
-    return keys.shape[0], n_cold
+    return n, n_cold
 
 
 @kernel
@@ -170,8 +205,16 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
     value_base = geo[G_VALUE_OFFSET] // geo[G_ITEMSIZE]
     state_base = geo[G_STATE_OFFSET] // 4
     inserted = 0
-    for i in range(start, keys.shape[0]):
-        s = find_slot(slot_keys, slot_addrs, keys[i])
+    n = keys.shape[0]
+    # Slots of present keys stay valid while others are inserted; an absent key's empty slot
+    # may be taken by an earlier insert of this batch, so absent keys are looked up again.
+    slots = find_slots(slot_keys, slot_addrs, keys, start)
+    for i in range(start, n):
+        if i + PREFETCH_DISTANCE < n:
+            _prefetch_record(words, geo, marks, slot_addrs, slots[i + PREFETCH_DISTANCE - start])
+        s = slots[i - start]
+        if s < 0:
+            s = find_slot(slot_keys, slot_addrs, keys[i])
         if s >= 0 and slot_addrs[s] >= marks[M_READ_ONLY]:
             f, w = _frame_word(geo, slot_addrs[s])
             for k in range(geo[G_STATE_DIM]):

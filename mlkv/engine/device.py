@@ -39,6 +39,8 @@ def aligned_empty(nbytes: int, alignment: int = BLOCK_BYTES) -> np.ndarray:
     memory until it is touched.
     """
     buf = mmap.mmap(-1, max(nbytes, 1) + alignment)
+    if nbytes >= 1 << 21 and hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)     # fewer TLB misses on random row access
     raw = np.frombuffer(buf, dtype=np.uint8)
     offset = (-raw.ctypes.data) % alignment
     return raw[offset:offset + nbytes]
