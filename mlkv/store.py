@@ -51,7 +51,7 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
         Log geometry, fixed at creation (defaults pick pages that give the buffer pool at
         least 16 frames, up to 1 MiB, and 256 MiB segment files).
     io_threads : int, optional
-        Threads that read cold rows from disk in parallel (default 8).
+        Threads that read cold rows from disk in parallel (default 32: the disk serves many reads at once).
     direct_io : bool, optional
         Bypass the OS page cache with ``O_DIRECT`` (default: where the file system allows).
         ``False`` uses buffered I/O and drops the pages it touched after each batch.

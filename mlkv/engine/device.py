@@ -27,9 +27,9 @@ from ..errors import DeviceError
 from . import _device_kernels as K
 
 BLOCK_BYTES = 4096
-MAX_RUN_BYTES = 256 << 10
-MIN_ROWS_PER_THREAD = 32
-DEFAULT_IO_THREADS = 8
+MAX_RUN_BYTES = 64 << 10
+MIN_ROWS_PER_THREAD = 16
+DEFAULT_IO_THREADS = 32
 
 
 def aligned_empty(nbytes: int, alignment: int = BLOCK_BYTES) -> np.ndarray:
@@ -69,7 +69,12 @@ class FileDevice:
         self.page_bits = page_bits
         self.segment_bits = segment_bits
         self.readonly = readonly
-        self.direct = _supports_direct(directory) if direct is None else direct
+        block = _direct_block_bytes(directory) if direct is not False else 0
+        if direct and not block:
+            raise DeviceError(f"O_DIRECT is not supported by the file system of {directory!r}")
+        self.direct = bool(block)
+        #: unit of row reads: the device's O_DIRECT alignment (often 512 bytes), else 4 KiB
+        self.block_bytes = block or BLOCK_BYTES
         self.io_threads = max(1, int(io_threads))
         self.bytes_read = 0
         self.bytes_written = 0
@@ -173,8 +178,8 @@ class FileDevice:
         return out
 
     def _read_part(self, addrs, out, scratch) -> int:
-        got = K.read_records(self._fds, self.segment_bits, addrs, out.shape[1], BLOCK_BYTES,
-                             MAX_RUN_BYTES, scratch, out)
+        got = K.read_records(self._fds, self.segment_bits, addrs, out.shape[1],
+                             self.block_bytes, MAX_RUN_BYTES, scratch, out)
         if got < 0:
             address = int(addrs[-got - 1])
             segment = address >> self.segment_bits
@@ -192,18 +197,27 @@ class FileDevice:
             self._fds[s] = -1
 
 
-def _supports_direct(directory: str) -> bool:
+def _direct_block_bytes(directory: str) -> int:
+    """The smallest read size O_DIRECT accepts in ``directory`` (512 or 4096), 0 if none."""
     probe = os.path.join(directory, ".direct-probe")
     try:
         fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
     except OSError:
-        return False
+        return 0
     try:
         buf = aligned_empty(BLOCK_BYTES)
         buf[:] = 0
-        return os.pwritev(fd, [buf], 0) == BLOCK_BYTES
+        if os.pwritev(fd, [buf], 0) != BLOCK_BYTES:
+            return 0
+        for block in (512, 1024, 2048, BLOCK_BYTES):
+            try:
+                if os.preadv(fd, [buf[block:2 * block]], block) == block:
+                    return block
+            except OSError:
+                continue
+        return 0
     except OSError:
-        return False
+        return 0
     finally:
         os.close(fd)
         os.unlink(probe)
