@@ -106,7 +106,8 @@ class Store:
             memory_bytes = memory_bytes or config.DEFAULT_MEMORY_BYTES
             policy = policy or DEFAULT_POLICY
             self.settings = _new_settings(requested, memory_bytes)
-        policy_obj = CachePolicy(policy)
+        # A read-only store never writes, so it cannot copy reads to the tail.
+        policy_obj = CachePolicy("fifo" if readonly else policy)
         s = self.settings
         self.layout = RecordLayout(s.dim, s.np_dtype.itemsize, s.state_dim, s.page_bits,
                                    s.segment_bits)

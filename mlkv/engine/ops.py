@@ -32,8 +32,7 @@ class Engine:
     log: HybridLog
     device: FileDevice
     policy: CachePolicy
-    counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(
-        ("gets", "hits", "misses", "promotions"), 0))
+    counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(("hits", "misses"), 0))
 
 
 def _run(eng: Engine, step) -> None:
