@@ -1,0 +1,544 @@
+"""Shared pieces of mlkv's benchmarks: key samplers, row data, the systems compared, OS helpers,
+and the summary (rows/s and ratios) that ``conftest.py`` writes into the results JSON and
+``report.py`` renders as markdown.
+
+Nothing here imports pytest: ``report.py`` uses it as a plain script.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import re
+import shutil
+import subprocess
+
+import numpy as np
+
+DIM = 64
+BATCH = 4096
+ZIPF_A = 0.99
+DISTS = ("uniform", "zipf")
+
+# ---------------------------------------------------------------------------------------------
+# keys and rows
+
+
+class ZipfSampler:
+    """Seeded Zipf(``a``) sampler over ``n`` keys, for any ``a >= 0`` (numpy's needs ``a > 1``).
+
+    Rank ``r`` (1-based) has probability ``r**-a / H(n, a)``; ranks are drawn by inverse CDF
+    (``searchsorted`` of uniform draws in the cumulative weights). Ranks are mapped to keys
+    through a seeded permutation of ``[0, n)`` (a "scrambled" Zipf, as YCSB does), so the hot
+    keys are spread over the whole key range and over the log instead of sitting in its first
+    pages, which would flatter any store that lays rows out in key order.
+    """
+
+    def __init__(self, n: int, a: float = ZIPF_A, seed: int = 0, scramble: bool = True):
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        self.n = int(n)
+        self.a = float(a)
+        weights = np.arange(1, self.n + 1, dtype=np.float64) ** -self.a
+        self.cdf = np.cumsum(weights)
+        self.cdf /= self.cdf[-1]
+        self.pmf = weights / weights.sum()
+        self._rng = np.random.default_rng(seed)
+        perm_rng = np.random.default_rng([seed, 0x5EED])
+        self.key_of_rank = perm_rng.permutation(self.n).astype(np.int64) if scramble else \
+            np.arange(self.n, dtype=np.int64)
+
+    def ranks(self, size: int) -> np.ndarray:
+        """0-based ranks (0 is the most frequent)."""
+        u = self._rng.random(size)
+        return np.minimum(np.searchsorted(self.cdf, u, side="right"), self.n - 1)
+
+    def __call__(self, size: int) -> np.ndarray:
+        return self.key_of_rank[self.ranks(size)]
+
+
+class UniformSampler:
+    """Seeded uniform keys over ``[0, n)``."""
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n = int(n)
+        self._rng = np.random.default_rng(seed)
+
+    def __call__(self, size: int) -> np.ndarray:
+        return self._rng.integers(0, self.n, size, dtype=np.int64)
+
+
+def sampler(dist: str, n: int, seed: int = 0):
+    if dist == "uniform":
+        return UniformSampler(n, seed)
+    if dist == "zipf":
+        return ZipfSampler(n, ZIPF_A, seed)
+    raise ValueError(f"unknown key distribution {dist!r}")
+
+
+def key_batches(dist: str, n: int, n_batches: int, seed: int = 0, batch: int = BATCH):
+    """``n_batches`` int64 key arrays of ``batch`` keys each over ``[0, n)``."""
+    draw = sampler(dist, n, seed)
+    return [draw(batch) for _ in range(n_batches)]
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def row_values(keys: np.ndarray, dim: int = DIM) -> np.ndarray:
+    """Deterministic, incompressible float32 rows in [-1, 1): ``row_values(k)`` is row ``k``.
+
+    A splitmix64 hash of (key, column); any subset of rows can be regenerated for checks
+    without keeping the whole table in memory.
+    """
+    with np.errstate(over="ignore"):
+        x = keys.astype(np.uint64)[:, None] * _GOLDEN + \
+            (np.arange(dim, dtype=np.uint64) + np.uint64(1))[None, :] * _M1
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        x ^= x >> np.uint64(31)
+    return ((x >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -23) - np.float32(1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# the systems compared: one object per table with get(keys) -> [n, DIM] and put(keys, values)
+
+
+def encode_keys(keys: np.ndarray) -> list:
+    """Keys as 8-byte big-endian ``bytes`` (sorts like the integers for keys >= 0)."""
+    return keys.astype(">i8").view("V8").tolist()
+
+
+def encode_rows(values: np.ndarray) -> list:
+    """Rows as raw little-endian float32 ``bytes``, one object per row."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    return values.view(f"V{values.shape[1] * 4}").ravel().tolist()
+
+
+def decode_rows(chunks, dim: int = DIM) -> np.ndarray:
+    return np.frombuffer(b"".join(chunks), dtype=np.float32).reshape(-1, dim)
+
+
+class DenseTable:
+    """The ceiling: a dense numpy array indexed by row id, gathered/scattered by ``@njit`` loops."""
+
+    name = "ceiling"
+
+    def __init__(self, n: int, dim: int = DIM):
+        import numba
+
+        @numba.njit(nogil=True, boundscheck=False)
+        def gather(table, ids, out):
+            for i in range(ids.shape[0]):
+                r = ids[i]
+                for j in range(table.shape[1]):
+                    out[i, j] = table[r, j]
+
+        @numba.njit(nogil=True, boundscheck=False)
+        def scatter(table, ids, values):
+            for i in range(ids.shape[0]):
+                r = ids[i]
+                for j in range(table.shape[1]):
+                    table[r, j] = values[i, j]
+
+        self._gather, self._scatter = gather, scatter
+        self.table = np.empty((n, dim), dtype=np.float32)
+        for lo in range(0, n, 1 << 16):
+            hi = min(n, lo + (1 << 16))
+            self.table[lo:hi] = row_values(np.arange(lo, hi, dtype=np.int64), dim)
+        probe = np.zeros(1, dtype=np.int64)
+        self.put(probe, self.get(probe))  # compile outside the timings
+
+    def get(self, keys):
+        out = np.empty((keys.shape[0], self.table.shape[1]), dtype=np.float32)
+        self._gather(self.table, keys, out)
+        return out
+
+    def put(self, keys, values):
+        self._scatter(self.table, keys, values)
+
+    def close(self):
+        self.table = None
+
+
+class MlkvTable:
+    """An mlkv store, through its public API."""
+
+    name = "mlkv"
+
+    def __init__(self, path, memory_bytes=None, policy=None, dim=DIM, create=False):
+        import mlkv
+        kwargs = dict(memory_bytes=memory_bytes, policy=policy)
+        if create:
+            kwargs["dim"] = dim
+        self.store = mlkv.open(path, **kwargs)
+
+    def load(self, n: int, chunk: int = 1 << 16):
+        for lo in range(0, n, chunk):
+            keys = np.arange(lo, min(n, lo + chunk), dtype=np.int64)
+            self.store.put(keys, row_values(keys, self.store.dim))
+
+    def get(self, keys):
+        return self.store.get(keys)
+
+    def put(self, keys, values):
+        self.store.put(keys, values)
+
+    def stats(self):
+        return self.store.stats()
+
+    def close(self):
+        self.store.close()
+
+
+class RocksTable:
+    """rocksdict in raw mode: ``Rdict.get(list)`` (multi-get) and ``WriteBatch`` puts.
+
+    Generous settings: no compression (the rows are incompressible floats), WAL off (mlkv has
+    no write-ahead log either: both are durable at their flush/checkpoint), ``sync`` off.
+    ``block_cache_bytes`` sizes the LRU block cache; ``direct`` turns on ``use_direct_reads``
+    (and direct flush/compaction) so the OS page cache holds none of the table.
+    """
+
+    name = "rocksdict"
+
+    def __init__(self, path, block_cache_bytes=None, direct=False):
+        from rocksdict import (BlockBasedOptions, Cache, DBCompressionType, Options, Rdict,
+                               WriteOptions)
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.set_compression_type(DBCompressionType.none())
+        table = BlockBasedOptions()
+        if block_cache_bytes:
+            table.set_block_cache(Cache(int(block_cache_bytes)))
+        opts.set_block_based_table_factory(table)
+        if direct:
+            opts.set_use_direct_reads(True)
+            opts.set_use_direct_io_for_flush_and_compaction(True)
+        self.path = path
+        self.db = Rdict(path, options=opts)
+        write_opts = WriteOptions()
+        write_opts.disable_wal = True  # a property at runtime (the .pyi says a method)
+        write_opts.sync = False
+        self.db.set_write_options(write_opts)
+
+    def load(self, n: int, chunk: int = 1 << 16):
+        for lo in range(0, n, chunk):
+            keys = np.arange(lo, min(n, lo + chunk), dtype=np.int64)
+            self.put(keys, row_values(keys))
+        self.db.flush(True)
+        self.db.compact_range(None, None)
+
+    def get(self, keys):
+        return decode_rows(self.db.get(encode_keys(keys)))
+
+    def put(self, keys, values):
+        from rocksdict import WriteBatch
+        batch = WriteBatch(raw_mode=True)
+        for k, v in zip(encode_keys(keys), encode_rows(values)):
+            batch.put(k, v)
+        self.db.write(batch)
+
+    def files(self):
+        return [p for p in glob.glob(os.path.join(self.path, "*")) if os.path.isfile(p)]
+
+    def close(self):
+        self.db.close()
+
+
+class LmdbTable:
+    """LMDB: ``Cursor.getmulti`` in a read transaction, ``Cursor.putmulti`` in a write one.
+
+    ``sync=False, metasync=False`` (no fsync at commit) and ``writemap=True`` (writes go
+    straight to the shared mapping): the fastest settings py-lmdb offers for writes.
+    """
+
+    name = "lmdb"
+
+    def __init__(self, path, map_size=8 << 30):
+        import lmdb
+        os.makedirs(path, exist_ok=True)
+        self.env = lmdb.open(path, map_size=map_size, sync=False, metasync=False,
+                             writemap=True, map_async=True, readahead=False)
+
+    def load(self, n: int, chunk: int = 1 << 16):
+        for lo in range(0, n, chunk):
+            keys = np.arange(lo, min(n, lo + chunk), dtype=np.int64)
+            with self.env.begin(write=True) as txn:
+                txn.cursor().putmulti(zip(encode_keys(keys), encode_rows(row_values(keys))),
+                                      append=True)
+
+    def get(self, keys):
+        with self.env.begin() as txn:
+            found = txn.cursor().getmulti(encode_keys(keys))
+            return decode_rows([v for _, v in found])
+
+    def put(self, keys, values):
+        with self.env.begin(write=True) as txn:
+            txn.cursor().putmulti(list(zip(encode_keys(keys), encode_rows(values))))
+
+    def close(self):
+        self.env.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# the OS
+
+
+def read_bytes() -> int:
+    """Bytes this process (all its threads) caused to be fetched from storage."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _files(paths):
+    for top in paths:
+        for root, _, names in os.walk(top):
+            for name in names:
+                yield os.path.join(root, name)
+
+
+def drop_page_cache(paths) -> str:
+    """Drop the page cache of every file under ``paths``; returns the method used.
+
+    ``sync`` first (dirty pages cannot be dropped), then ``POSIX_FADV_DONTNEED`` on every file.
+    With ``MLKV_BENCH_DROP_CACHES=1`` (and root) also ``echo 1 > /proc/sys/vm/drop_caches``:
+    that drops the page cache of the whole machine, other processes' included, so it is not the
+    default; per-file DONTNEED is enough for files nothing else holds open, and
+    :func:`page_cache_bytes` checks it.
+    """
+    os.sync()
+    for path in _files(paths):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    if os.environ.get("MLKV_BENCH_DROP_CACHES") == "1":
+        try:
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("1\n")
+            return "fadvise+drop_caches"
+        except OSError:
+            pass
+    return "fadvise"
+
+
+def page_cache_bytes(paths) -> int | None:
+    """Bytes of the files under ``paths`` in the page cache (util-linux ``fincore``), or None."""
+    files = list(_files(paths))
+    if not files or not shutil.which("fincore"):
+        return None
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", *files],
+                             capture_output=True, text=True, timeout=60).stdout
+        return sum(int(x) for x in out.split())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def dir_bytes(path) -> int:
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            try:
+                total += os.stat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def machine() -> dict:
+    """nproc, CPU model, memory and the disk under ``MLKV_BENCH_DIR`` (or the temp dir)."""
+    info = {"nproc": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            m = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
+            info["cpu"] = m.group(1).strip() if m else "?"
+    except OSError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            m = re.search(r"^MemTotal:\s*(\d+) kB", f.read(), re.M)
+            info["mem_gib"] = round(int(m.group(1)) / 2**20, 1)
+    except OSError:
+        pass
+    where = os.environ.get("MLKV_BENCH_DIR") or "/tmp"
+    try:
+        out = subprocess.run(["df", "-hT", where], capture_output=True, text=True,
+                             timeout=10).stdout.splitlines()
+        info["disk"] = " ".join(out[-1].split()[:3]) if len(out) > 1 else "?"
+        dev = out[-1].split()[0] if len(out) > 1 else ""
+        base = os.path.basename(dev)
+        rot = f"/sys/block/{base}/queue/rotational"
+        if os.path.exists(rot):
+            with open(rot) as f:
+                info["disk"] += " (rotational)" if f.read().strip() == "1" else " (non-rotational)"
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
+    import numba
+    import numpy
+    info["numpy"], info["numba"] = numpy.__version__, numba.__version__
+    try:
+        import lmdb
+        import rocksdict  # noqa: F401
+        from importlib.metadata import version
+        info["rocksdict"], info["lmdb"] = version("rocksdict"), version("lmdb")
+        info["lmdb_c"] = ".".join(map(str, lmdb.version()))
+    except Exception:  # noqa: BLE001 -- optional
+        pass
+    return info
+
+
+def rmtree(path):
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# summary: rows/s per benchmark, ratios of mlkv to each other system, and the targets
+
+#: (scenario, op) -> {other system: minimum mlkv/other ratio} from issue 2
+TARGETS = {
+    ("resident", "get"): {"ceiling": 0.5, "rocksdict": 10.0, "lmdb": 4.0},
+    ("resident", "put"): {"ceiling": 0.5, "rocksdict": 10.0, "lmdb": 4.0},
+}
+STARTUP_TARGET_S = {"warm": 1.5}
+
+
+def rows_per_s(bench: dict, stat: str = "mean") -> float | None:
+    """Rows per second of the ``stat`` ("mean" or "min", the best) round time."""
+    rows = bench.get("extra_info", {}).get("rows_per_round")
+    t = (bench.get("stats") or {}).get(stat)
+    if rows and t:
+        return rows / t
+    return bench.get("extra_info", {}).get("rows_per_s" if stat == "mean" else "rows_per_s_best")
+
+
+def summarize(benchmarks: list) -> dict:
+    """Rows/s per (scenario, op, dist, system) and mlkv's ratios against the others."""
+    rows = []
+    startup = []
+    for b in benchmarks:
+        info = b.get("extra_info", {})
+        if info.get("scenario") == "startup":
+            startup.append({"system": info.get("system"), "cache": info.get("cache"),
+                            "mean_s": (b.get("stats") or {}).get("mean"),
+                            "min_s": (b.get("stats") or {}).get("min"),
+                            "max_s": (b.get("stats") or {}).get("max"),
+                            "rounds": (b.get("stats") or {}).get("rounds")})
+            continue
+        if "scenario" not in info:
+            continue
+        rows.append({k: info.get(k) for k in (
+            "scenario", "op", "dist", "system", "policy", "disk_bytes_per_row", "hit_ratio",
+            "store_bytes_read_per_row", "direct_io", "table_bytes", "memory_bytes")} |
+            {"rows_per_s": rows_per_s(b), "rows_per_s_best": rows_per_s(b, "min"),
+             "name": b.get("name"), "loadavg": info.get("loadavg")})
+    ratios = []
+    for r in rows:
+        if r["system"] != "mlkv":
+            continue
+        for other in rows:
+            if (other["system"] == "mlkv" or other["scenario"] != r["scenario"]
+                    or other["op"] != r["op"] or other["dist"] != r["dist"]):
+                continue
+            if not (r["rows_per_s"] and other["rows_per_s"]):
+                continue
+            ratio = r["rows_per_s"] / other["rows_per_s"]
+            best = (r["rows_per_s_best"] / other["rows_per_s_best"]
+                    if r["rows_per_s_best"] and other["rows_per_s_best"] else None)
+            target = TARGETS.get((r["scenario"], r["op"]), {}).get(other["system"])
+            ratios.append({"scenario": r["scenario"], "op": r["op"], "dist": r["dist"],
+                           "policy": r["policy"], "vs": other["system"], "ratio": ratio,
+                           "ratio_best": best, "target": target,
+                           "met": None if target is None else bool(ratio >= target)})
+    for s in startup:
+        target = STARTUP_TARGET_S.get(s["cache"]) if s["system"] == "mlkv" else None
+        s["target_s"] = target
+        s["met"] = None if target is None or s["mean_s"] is None else bool(s["mean_s"] < target)
+    return {"rows": rows, "ratios": ratios, "startup": startup}
+
+
+def _fmt_rate(x):
+    if x is None:
+        return "-"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M"
+    return f"{x / 1e3:.0f} k"
+
+
+def markdown(summary: dict) -> str:
+    """Markdown tables of a :func:`summarize` result."""
+    out = []
+    rows = summary["rows"]
+    resident = [r for r in rows if r["scenario"] == "resident"]
+    if resident:
+        out += ["### Resident rows (table fits in memory_bytes)", "",
+                "| op | keys | system | rows/s (mean) | rows/s (best round) | mlkv / system "
+                "(mean) | mlkv / system (best) | target | met (mean) |",
+                "|---|---|---|---:|---:|---:|---:|---:|:---:|"]
+        for op in ("get", "put"):
+            for dist in DISTS:
+                group = [r for r in resident if r["op"] == op and r["dist"] == dist]
+                order = {"mlkv": 0, "ceiling": 1, "rocksdict": 2, "lmdb": 3}
+                for r in sorted(group, key=lambda r: order.get(r["system"], 9)):
+                    ratio = next((x for x in summary["ratios"] if x["scenario"] == "resident"
+                                  and x["op"] == op and x["dist"] == dist
+                                  and x["vs"] == r["system"]), None)
+                    out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                        op, dist, r["system"], _fmt_rate(r["rows_per_s"]),
+                        _fmt_rate(r["rows_per_s_best"]),
+                        f"{ratio['ratio']:.2f}x" if ratio else "",
+                        f"{ratio['ratio_best']:.2f}x" if ratio and ratio["ratio_best"] else "",
+                        f"≥ {ratio['target']:g}x" if ratio and ratio["target"] else "",
+                        ("yes" if ratio["met"] else "**no**") if ratio and ratio["target"]
+                        else ""))
+        out.append("")
+    disk = [r for r in rows if r["scenario"] == "disk"]
+    if disk:
+        r0 = disk[0]
+        out += ["### Table 8x larger than memory (page cache dropped first)", ""]
+        if r0.get("table_bytes") and r0.get("memory_bytes"):
+            out += [f"Table {r0['table_bytes'] / 2**20:.0f} MiB of values, memory "
+                    f"{r0['memory_bytes'] / 2**20:.0f} MiB.", ""]
+        out += ["| keys | system | rows/s (mean) | rows/s (best round) | disk bytes read / row "
+                "| hit ratio | mlkv / rocksdict (mean) |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for dist in DISTS:
+            group = [r for r in disk if r["dist"] == dist]
+            rocks = next((r for r in group if r["system"] == "rocksdict"), None)
+            for r in sorted(group, key=lambda r: (r["system"] != "mlkv", r["policy"] or "")):
+                label = f"mlkv ({r['policy']})" if r["system"] == "mlkv" else r["system"]
+                ratio = ""
+                if r["system"] == "mlkv" and rocks and rocks["rows_per_s"] and r["rows_per_s"]:
+                    ratio = f"{r['rows_per_s'] / rocks['rows_per_s']:.2f}x"
+                bpr = r.get("disk_bytes_per_row")
+                hit = r.get("hit_ratio")
+                out.append("| {} | {} | {} | {} | {} | {} | {} |".format(
+                    dist, label, _fmt_rate(r["rows_per_s"]), _fmt_rate(r["rows_per_s_best"]),
+                    "-" if bpr is None else f"{bpr:.0f}",
+                    "-" if hit is None else f"{hit:.3f}", ratio))
+        out.append("")
+    if summary["startup"]:
+        out += ["### Fresh process to first `get` answered", "",
+                "| what | Numba cache | mean s | min s | max s | rounds | target | met |",
+                "|---|---|---:|---:|---:|---:|---:|:---:|"]
+        for s in summary["startup"]:
+            fmt = (lambda v: "-" if v is None else f"{v:.2f}")
+            out.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                s["system"], s["cache"] or "-", fmt(s["mean_s"]), fmt(s["min_s"]),
+                fmt(s["max_s"]), s["rounds"] or "-",
+                f"< {s['target_s']:g} s" if s["target_s"] else "",
+                ("yes" if s["met"] else "**no**") if s["met"] is not None else ""))
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,118 @@
+"""Resident rows: the table fits in ``memory_bytes``.
+
+mlkv ``get``/``put`` of batches of 4,096 keys against:
+
+- the ceiling: an ``@njit`` gather/scatter on a dense numpy array with the same row ids (no
+  index, no log), allocating the output like ``get`` does;
+- rocksdict: ``Rdict.get(list)`` (multi-get) and a ``WriteBatch`` per batch, block cache =
+  ``memory_bytes``, data in the OS page cache;
+- lmdb: ``Cursor.getmulti`` / ``Cursor.putmulti`` in one transaction per batch, sync off,
+  ``writemap``.
+
+Every system goes from numpy keys to a ``[n, 64]`` float32 array (or from numpy rows to the
+store): key encoding (8-byte big-endian) and row decoding are part of their timings, as they
+are part of what an embedding table built on them costs. Puts write the rows' own values, so
+the table's content never changes and every ``get`` is checked against it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import benchlib
+from benchlib import DISTS
+from conftest import record
+
+SYSTEMS = ("ceiling", "mlkv", "rocksdict", "lmdb")
+
+
+@pytest.fixture(scope="module")
+def resident_tables(sizes, bench_dir):
+    """``table(name)``: the resident table of one system, built on first use."""
+    built = {}
+    root = os.path.join(bench_dir, "resident")
+
+    def table(name):
+        if name in built:
+            return built[name]
+        n = sizes.resident_rows
+        if name == "ceiling":
+            t = benchlib.DenseTable(n)
+        elif name == "mlkv":
+            t = benchlib.MlkvTable(os.path.join(root, "mlkv"), memory_bytes=sizes.resident_memory,
+                                   create=True)
+            t.load(n)
+        elif name == "rocksdict":
+            t = benchlib.RocksTable(os.path.join(root, "rocksdict"),
+                                    block_cache_bytes=sizes.resident_memory)
+            t.load(n)
+        elif name == "lmdb":
+            t = benchlib.LmdbTable(os.path.join(root, "lmdb"))
+            t.load(n)
+        else:
+            raise ValueError(name)
+        built[name] = t
+        return t
+
+    yield table
+    for t in built.values():
+        t.close()
+
+
+@pytest.fixture(scope="module")
+def resident_batches(sizes):
+    """Per distribution: the key batches of one round and their rows."""
+    out = {}
+    for seed, dist in enumerate(DISTS):
+        keys = benchlib.key_batches(dist, sizes.resident_rows, sizes.resident_batches,
+                                    seed=100 + seed)
+        out[dist] = (keys, [benchlib.row_values(k) for k in keys])
+    return out
+
+
+def _extra(system, table):
+    if system != "mlkv":
+        return {}
+    st = table.stats()
+    return {"policy": st["policy"], "mlkv_hits": st["hits"], "mlkv_misses": st["misses"],
+            "addresses": st["addresses"]}
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_resident_get(benchmark, resident_tables, resident_batches, sizes, system, dist):
+    table = resident_tables(system)
+    keys, values = resident_batches[dist]
+
+    def run():
+        for k in keys:
+            out = table.get(k)
+        return out
+
+    out = benchmark.pedantic(run, rounds=sizes.rounds, warmup_rounds=0 if sizes.smoke else 1,
+                             iterations=1)
+    np.testing.assert_array_equal(out, values[-1])
+    record(benchmark, len(keys) * keys[0].shape[0], scenario="resident", op="get", dist=dist,
+           system=system, rows=sizes.resident_rows, memory_bytes=sizes.resident_memory,
+           **_extra(system, table))
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_resident_put(benchmark, resident_tables, resident_batches, sizes, system, dist):
+    table = resident_tables(system)
+    keys, values = resident_batches[dist]
+
+    def run():
+        for k, v in zip(keys, values):
+            table.put(k, v)
+
+    benchmark.pedantic(run, rounds=sizes.rounds, warmup_rounds=0 if sizes.smoke else 1,
+                       iterations=1)
+    np.testing.assert_array_equal(table.get(keys[0]), values[0])
+    record(benchmark, len(keys) * keys[0].shape[0], scenario="resident", op="put", dist=dist,
+           system=system, rows=sizes.resident_rows, memory_bytes=sizes.resident_memory,
+           **_extra(system, table))
