@@ -83,6 +83,34 @@ def key_batches(dist: str, n: int, n_batches: int, seed: int = 0, batch: int = B
     return [draw(batch) for _ in range(n_batches)]
 
 
+class Rounds:
+    """The key batches of successive benchmark rounds, drawn afresh for every round.
+
+    Every system sees the same sequence (same seed), and no round replays an earlier one's
+    keys: a replay would let a cache hold exactly the keys it is about to be asked for.
+    Use as pytest-benchmark ``pedantic(setup=rounds.setup)``: round ``i``'s keys (and, with
+    ``with_values``, their rows) are made before the round, outside its timing.
+    """
+
+    def __init__(self, dist: str, n: int, batches_per_round: int, seed: int,
+                 with_values: bool = False):
+        self._draw = sampler(dist, n, seed)
+        self.batches_per_round = batches_per_round
+        self.with_values = with_values
+        self.last = None
+
+    @property
+    def rows_per_round(self) -> int:
+        return self.batches_per_round * BATCH
+
+    def setup(self):
+        keys = [self._draw(BATCH) for _ in range(self.batches_per_round)]
+        self.last = keys
+        if self.with_values:
+            return (keys, [row_values(k) for k in keys]), {}
+        return (keys,), {}
+
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -405,6 +433,27 @@ def rmtree(path):
 
 
 # ---------------------------------------------------------------------------------------------
+# recording
+
+def record(benchmark, rows_per_round: int, **info) -> None:
+    """Name the benchmark's group and store rows/s and its parameters in ``extra_info``.
+
+    ``info`` needs ``scenario``, ``op``, ``dist`` and ``system``; anything else is kept too.
+    """
+    benchmark.group = " ".join(str(info[k]) for k in ("scenario", "op", "dist"))
+    benchmark.extra_info.update(info)
+    benchmark.extra_info["rows_per_round"] = int(rows_per_round)
+    benchmark.extra_info["batch"] = BATCH
+    benchmark.extra_info["dim"] = DIM
+    benchmark.extra_info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    stats = getattr(benchmark, "stats", None)
+    inner = getattr(stats, "stats", None)
+    if inner is not None and inner.mean:
+        benchmark.extra_info["rows_per_s"] = rows_per_round / inner.mean
+        benchmark.extra_info["rows_per_s_best"] = rows_per_round / inner.min
+
+
+# ---------------------------------------------------------------------------------------------
 # summary: rows/s per benchmark, ratios of mlkv to each other system, and the targets
 
 #: (scenario, op) -> {other system: minimum mlkv/other ratio} from issue 2
@@ -533,8 +582,10 @@ def markdown(summary: dict) -> str:
         out += ["### Fresh process to first `get` answered", "",
                 "| what | Numba cache | mean s | min s | max s | rounds | target | met |",
                 "|---|---|---:|---:|---:|---:|---:|:---:|"]
+        def fmt(v):
+            return "-" if v is None else f"{v:.2f}"
+
         for s in summary["startup"]:
-            fmt = (lambda v: "-" if v is None else f"{v:.2f}")
             out.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 s["system"], s["cache"] or "-", fmt(s["mean_s"]), fmt(s["min_s"]),
                 fmt(s["max_s"]), s["rounds"] or "-",

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
-import numpy as np
 import pytest
 
 import benchlib
-from benchlib import BATCH, DIM
+from benchlib import DIM
 
 MiB = 1 << 20
 
@@ -79,9 +77,9 @@ def sizes(request) -> Sizes:
                  disk_memory=_env_int("MLKV_BENCH_DISK_MEMORY", 64 * MiB),
                  disk_factor=_env_int("MLKV_BENCH_DISK_FACTOR", 8),
                  resident_batches=_env_int("MLKV_BENCH_RESIDENT_BATCHES", 32),
-                 disk_batches=_env_int("MLKV_BENCH_DISK_BATCHES", 16),
+                 disk_batches=_env_int("MLKV_BENCH_DISK_BATCHES", 8),
                  rounds=_env_int("MLKV_BENCH_ROUNDS", 5),
-                 disk_rounds=_env_int("MLKV_BENCH_DISK_ROUNDS", 4),
+                 disk_rounds=_env_int("MLKV_BENCH_DISK_ROUNDS", 3),
                  startup_rounds=_env_int("MLKV_BENCH_STARTUP_ROUNDS", 5),
                  startup_cold_rounds=_env_int("MLKV_BENCH_STARTUP_COLD_ROUNDS", 2))
 
@@ -105,24 +103,6 @@ def bench_dir(tmp_path_factory):
 def zipf_sampler():
     """The seeded Zipf(0.99) sampler class (``ZipfSampler(n, a, seed)``)."""
     return benchlib.ZipfSampler
-
-
-def record(benchmark, rows_per_round: int, **info) -> None:
-    """Name the benchmark's group and store rows/s and its parameters in ``extra_info``.
-
-    ``info`` needs ``scenario``, ``op``, ``dist`` and ``system``; anything else is kept too.
-    """
-    benchmark.group = " ".join(str(info[k]) for k in ("scenario", "op", "dist"))
-    benchmark.extra_info.update(info)
-    benchmark.extra_info["rows_per_round"] = int(rows_per_round)
-    benchmark.extra_info["batch"] = BATCH
-    benchmark.extra_info["dim"] = DIM
-    benchmark.extra_info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-    stats = getattr(benchmark, "stats", None)
-    inner = getattr(stats, "stats", None)
-    if inner is not None and inner.mean:
-        benchmark.extra_info["rows_per_s"] = rows_per_round / inner.mean
-        benchmark.extra_info["rows_per_s_best"] = rows_per_round / inner.min
 
 
 # ---- pytest-benchmark hooks: machine, command, ratios in the JSON ------------------------------

@@ -2,18 +2,19 @@
 
 Both systems get the same memory: mlkv's buffer pool is ``memory_bytes``; rocksdict's block
 cache is ``memory_bytes`` with ``use_direct_reads`` (and direct flush/compaction), so neither
-has the OS page cache as a second cache. Before each run the page cache is dropped (``sync``,
-``POSIX_FADV_DONTNEED`` on every file, and ``/proc/sys/vm/drop_caches`` when root) and the
-store is opened afresh, so the run starts cold.
+has the OS page cache as a second cache. Before each run the store's page cache is dropped
+(``sync``, then ``POSIX_FADV_DONTNEED`` on every file; the whole machine's with
+``MLKV_BENCH_DROP_CACHES=1`` as root), checked with ``fincore`` (``page_cache_bytes_before``),
+and the store is opened afresh, so the run starts cold.
 
 A run is one warm-up round (reported as ``cold_rows_per_s``, not timed by pytest-benchmark)
 and ``MLKV_BENCH_DISK_ROUNDS`` timed rounds of ``MLKV_BENCH_DISK_BATCHES`` batches of 4,096
-``get`` keys. ``disk_bytes_per_row`` is the growth of ``read_bytes`` in ``/proc/self/io``
-(bytes the process, all threads, made the block layer fetch) over the timed rounds divided by
-their rows. mlkv runs with policy ``fifo`` (reads never copied to memory) and
-``second_chance`` (every row read is copied to the tail, so it stays in memory for another
-trip round the buffer pool); a second_chance run works on a copy of the built store, since
-it appends to the log.
+``get`` keys, fresh keys every round (the same sequence for every system).
+``disk_bytes_per_row`` is the growth of ``read_bytes`` in ``/proc/self/io`` (bytes the
+process, all threads, made the block layer fetch) over the timed rounds divided by their rows.
+mlkv runs with policy ``fifo`` (reads never copied to memory) and ``second_chance`` (every row
+read is copied to the tail, so it stays in memory for another trip round the buffer pool); a
+second_chance run works on a copy of the built store, since it appends to the log.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import pytest
 
 import benchlib
 from benchlib import DIM, DISTS
-from conftest import record
 
 SYSTEMS = (("mlkv", "fifo"), ("mlkv", "second_chance"), ("rocksdict", None))
 
@@ -71,15 +71,15 @@ def test_disk_get(benchmark, disk_stores, sizes, bench_dir, system, policy, dist
         path = os.path.join(bench_dir, "disk", f"run-{policy}-{dist}")
         shutil.rmtree(path, ignore_errors=True)
         shutil.copytree(template, path)
-    keys = benchlib.key_batches(dist, sizes.disk_rows, sizes.disk_batches,
-                                seed=200 + DISTS.index(dist))
+    rounds = benchlib.Rounds(dist, sizes.disk_rows, sizes.disk_batches,
+                             seed=200 + DISTS.index(dist))
     drop = benchlib.drop_page_cache([path])
     cached_before = benchlib.page_cache_bytes([path])
     table = _open(system, policy, path, sizes)
     mlkv = system == "mlkv"
     calls = []  # per call (seconds, rows, read_bytes, hits, misses, store bytes_read)
 
-    def run():
+    def run(keys):
         s0 = table.stats() if mlkv else None
         io0, t0 = benchlib.read_bytes(), time.perf_counter()
         for k in keys:
@@ -93,9 +93,9 @@ def test_disk_get(benchmark, disk_stores, sizes, bench_dir, system, policy, dist
 
     warmup = 0 if sizes.smoke else 1
     try:
-        out = benchmark.pedantic(run, rounds=sizes.disk_rounds, warmup_rounds=warmup,
-                                 iterations=1)
-        np.testing.assert_array_equal(out, benchlib.row_values(keys[-1]))
+        out = benchmark.pedantic(run, setup=rounds.setup, rounds=sizes.disk_rounds,
+                                 warmup_rounds=warmup)
+        np.testing.assert_array_equal(out, benchlib.row_values(rounds.last[-1]))
         final = table.stats() if mlkv else None
     finally:
         cached_after = benchlib.page_cache_bytes([path])
@@ -117,6 +117,6 @@ def test_disk_get(benchmark, disk_stores, sizes, bench_dir, system, policy, dist
                     store_bytes_read_per_row=sum(c[5] for c in timed) / rows,
                     direct_io=bool(table.store.engine.device.direct),
                     addresses=final["addresses"])
-    record(benchmark, len(keys) * keys[0].shape[0], **info)
+    benchlib.record(benchmark, rounds.rows_per_round, **info)
     if path != template:
         shutil.rmtree(path, ignore_errors=True)

@@ -24,7 +24,6 @@ import pytest
 
 import benchlib
 from benchlib import DISTS
-from conftest import record
 
 SYSTEMS = ("ceiling", "mlkv", "rocksdict", "lmdb")
 
@@ -62,17 +61,6 @@ def resident_tables(sizes, bench_dir):
         t.close()
 
 
-@pytest.fixture(scope="module")
-def resident_batches(sizes):
-    """Per distribution: the key batches of one round and their rows."""
-    out = {}
-    for seed, dist in enumerate(DISTS):
-        keys = benchlib.key_batches(dist, sizes.resident_rows, sizes.resident_batches,
-                                    seed=100 + seed)
-        out[dist] = (keys, [benchlib.row_values(k) for k in keys])
-    return out
-
-
 def _extra(system, table):
     if system != "mlkv":
         return {}
@@ -81,38 +69,45 @@ def _extra(system, table):
             "addresses": st["addresses"]}
 
 
+def _rounds(sizes, dist, with_values=False):
+    # the same seed for every system and op: all see the same key sequence
+    return benchlib.Rounds(dist, sizes.resident_rows, sizes.resident_batches,
+                           seed=100 + DISTS.index(dist), with_values=with_values)
+
+
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("system", SYSTEMS)
-def test_resident_get(benchmark, resident_tables, resident_batches, sizes, system, dist):
+def test_resident_get(benchmark, resident_tables, sizes, system, dist):
     table = resident_tables(system)
-    keys, values = resident_batches[dist]
+    rounds = _rounds(sizes, dist)
 
-    def run():
+    def run(keys):
         for k in keys:
             out = table.get(k)
         return out
 
-    out = benchmark.pedantic(run, rounds=sizes.rounds, warmup_rounds=0 if sizes.smoke else 1,
-                             iterations=1)
-    np.testing.assert_array_equal(out, values[-1])
-    record(benchmark, len(keys) * keys[0].shape[0], scenario="resident", op="get", dist=dist,
-           system=system, rows=sizes.resident_rows, memory_bytes=sizes.resident_memory,
-           **_extra(system, table))
+    out = benchmark.pedantic(run, setup=rounds.setup, rounds=sizes.rounds,
+                             warmup_rounds=0 if sizes.smoke else 1)
+    np.testing.assert_array_equal(out, benchlib.row_values(rounds.last[-1]))
+    benchlib.record(benchmark, rounds.rows_per_round, scenario="resident", op="get",
+                    dist=dist, system=system, rows=sizes.resident_rows,
+                    memory_bytes=sizes.resident_memory, **_extra(system, table))
 
 
 @pytest.mark.parametrize("dist", DISTS)
 @pytest.mark.parametrize("system", SYSTEMS)
-def test_resident_put(benchmark, resident_tables, resident_batches, sizes, system, dist):
+def test_resident_put(benchmark, resident_tables, sizes, system, dist):
     table = resident_tables(system)
-    keys, values = resident_batches[dist]
+    rounds = _rounds(sizes, dist, with_values=True)
 
-    def run():
+    def run(keys, values):
         for k, v in zip(keys, values):
             table.put(k, v)
 
-    benchmark.pedantic(run, rounds=sizes.rounds, warmup_rounds=0 if sizes.smoke else 1,
-                       iterations=1)
-    np.testing.assert_array_equal(table.get(keys[0]), values[0])
-    record(benchmark, len(keys) * keys[0].shape[0], scenario="resident", op="put", dist=dist,
-           system=system, rows=sizes.resident_rows, memory_bytes=sizes.resident_memory,
-           **_extra(system, table))
+    benchmark.pedantic(run, setup=rounds.setup, rounds=sizes.rounds,
+                       warmup_rounds=0 if sizes.smoke else 1)
+    k = rounds.last[0]
+    np.testing.assert_array_equal(table.get(k), benchlib.row_values(k))
+    benchlib.record(benchmark, rounds.rows_per_round, scenario="resident", op="put",
+                    dist=dist, system=system, rows=sizes.resident_rows,
+                    memory_bytes=sizes.resident_memory, **_extra(system, table))

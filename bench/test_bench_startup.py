@@ -18,11 +18,9 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import pytest
 
 import benchlib
-from conftest import record
 
 CHILD = """
 import sys
@@ -93,13 +91,13 @@ def test_startup_first_get(benchmark, startup_store, sizes, bench_dir, cache):
     rounds = sizes.startup_rounds if cache == "warm" else sizes.startup_cold_rounds
     _measure(benchmark, CHILD, [path, str(rows)], cache, rounds,
              warmup=1 if cache == "warm" else 0, tmp_root=bench_dir)
-    record(benchmark, 4096, scenario="startup", op="first_get", dist="-", system="mlkv",
-           cache=cache, rows=rows)
+    benchlib.record(benchmark, 4096, scenario="startup", op="first_get", dist="-",
+                    system="mlkv", cache=cache, rows=rows)
 
 
 @pytest.mark.parametrize("floor", sorted(FLOORS))
 def test_startup_floor(benchmark, sizes, bench_dir, floor):
     _measure(benchmark, FLOORS[floor], [], "warm", sizes.startup_rounds,
              warmup=0 if sizes.smoke else 1, tmp_root=bench_dir)
-    record(benchmark, 0, scenario="startup", op="first_get", dist="-", system=floor,
-           cache="-")
+    benchlib.record(benchmark, 0, scenario="startup", op="first_get", dist="-", system=floor,
+                    cache="-")
