@@ -108,6 +108,7 @@ class Store:
             self.settings = _new_settings(requested, memory_bytes)
         # A read-only store never writes, so it cannot copy reads to the tail.
         policy_obj = CachePolicy("fifo" if readonly else policy)
+        self._policy_name = policy_obj.name
         s = self.settings
         self.layout = RecordLayout(s.dim, s.np_dtype.itemsize, s.state_dim, s.page_bits,
                                    s.segment_bits)
@@ -154,7 +155,7 @@ class Store:
 
     @property
     def policy(self) -> str:
-        return self._engine.policy.name
+        return self._policy_name
 
     @property
     def engine(self) -> ops.Engine:
@@ -289,6 +290,7 @@ class Store:
             finally:
                 self._closed = True
                 self._engine.device.close()
+                self._engine = None       # frees the buffer pool and the index now
                 self._release_lock()
 
     def __enter__(self):
@@ -298,7 +300,7 @@ class Store:
         self.close()
 
     def __repr__(self):
-        state = "closed" if self._closed else f"{self._engine.index.count} rows"
+        state = "closed" if self._closed else f"{len(self)} rows"
         return (f"<mlkv.Store {self.path!r} dim={self.dim} dtype={self.dtype.name} "
                 f"{state}>")
 

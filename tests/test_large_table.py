@@ -243,27 +243,10 @@ def format_table(result, bound) -> str:
 
 
 def _open_mode(path, mode, **kwargs):
-    """``mlkv.open``; ``mode="buffered"`` forces the segment files to buffered I/O.
-
-    mlkv has no public switch for the I/O mode (``FileDevice(direct=None)`` probes the file
-    system for O_DIRECT), so the fallback is forced by patching the device class the Store
-    builds, for the duration of the open only. Either way the device's mode is checked.
-    """
-    if mode == "buffered":
-        from mlkv import store as store_module
-        from mlkv.engine.device import FileDevice
-
-        class BufferedDevice(FileDevice):
-            def __init__(self, *args, **kw):
-                kw["direct"] = False
-                super().__init__(*args, **kw)
-
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(store_module, "FileDevice", BufferedDevice)
-            store = mlkv.open(path, **kwargs)
-        assert store.engine.device.direct is False
-        return store
-    return mlkv.open(path, **kwargs)
+    """``mlkv.open`` with the I/O mode forced: ``direct_io=True`` or ``False`` (buffered)."""
+    store = mlkv.open(path, direct_io=(mode == "direct"), **kwargs)
+    assert store.engine.device.direct is (mode == "direct")
+    return store
 
 
 # ---- the run (in a child process) --------------------------------------------------------------

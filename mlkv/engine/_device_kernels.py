@@ -11,17 +11,22 @@ from .._jit import kernel
 
 _pread = types.ExternalFunction(
     "pread", types.int64(types.int32, types.voidptr, types.uint64, types.int64))
+_fadvise = types.ExternalFunction(
+    "posix_fadvise", types.int32(types.int32, types.int64, types.int64, types.int32))
+POSIX_FADV_DONTNEED = 4
 
 
 @kernel
 def read_records(fds, segment_bits, addrs, record_bytes, block_bytes, max_run_bytes,
-                 scratch, out):
+                 scratch, out, drop_cache):
     """Read the records at sorted ``addrs`` into ``out[i, :record_bytes]``.
 
     Reads are whole aligned blocks of ``block_bytes`` (as O_DIRECT needs). Records whose
     blocks touch are served by one ``pread`` of up to ``max_run_bytes``; a block is read once
     for every record it holds. ``scratch`` must be aligned and hold ``max_run_bytes`` plus
-    two blocks. Returns the bytes read, or ``-(1 + i)`` if the read for ``addrs[i]`` failed
+    two blocks. With ``drop_cache`` (buffered I/O), each run's pages are dropped from the OS
+    page cache right after it is read, so a batch never holds more than one run there.
+    Returns the bytes read, or ``-(1 + i)`` if the read for ``addrs[i]`` failed
     or came back short.
     """
     n = addrs.shape[0]
@@ -45,6 +50,8 @@ def read_records(fds, segment_bits, addrs, record_bytes, block_bytes, max_run_by
         got = _pread(fds[seg], scratch.ctypes.data, length, run_start)
         if got != length:
             return -(1 + i)
+        if drop_cache:
+            _fadvise(fds[seg], run_start, length, POSIX_FADV_DONTNEED)
         total += length
         for k in range(i, j):
             o = (addrs[k] & seg_mask) - run_start

@@ -4,7 +4,7 @@ Files of a store directory::
 
     settings.json        settings fixed at creation (see mlkv.config), written once
     manifest.json        markers, row count, the index file's name, size and CRC-32
-    index-000001.bin     live (key, address) pairs: n int64 keys, then n int64 addresses (LE)
+    index-000001.bin     live (key, address) pairs: n x [int64 key, int64 address], little-endian
     segment-000000.log   log pages (see mlkv.engine.device)
     lock                 held (flock) by the process that has the store open for writing
 
@@ -26,6 +26,7 @@ from ..errors import CorruptionError
 from .index import HashIndex
 
 MANIFEST = "manifest.json"
+CHUNK_PAIRS = 1 << 18          # 4 MiB of index file per read or write
 
 
 def save(directory: str, log, index: HashIndex, device) -> int:
@@ -34,25 +35,34 @@ def save(directory: str, log, index: HashIndex, device) -> int:
     checkpoint_id = (old["checkpoint_id"] if old else 0) + 1
     log.flush()
     device.sync()
-    keys, addrs = index.entries()
-    order = np.argsort(addrs, kind="stable")     # log order: reopen then reads sequentially
-    payload = np.concatenate([keys[order], addrs[order]]).astype("<i8").tobytes()
     index_name = f"index-{checkpoint_id:06d}.bin"
     index_path = os.path.join(directory, index_name)
-    with open(index_path + ".tmp", "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(index_path + ".tmp", index_path)
+    index_bytes, crc = _write_index(index_path, index)
     manifest = {"format_version": FORMAT_VERSION, "checkpoint_id": checkpoint_id,
-                "begin": log.begin, "tail": log.tail, "rows": int(keys.shape[0]),
-                "index_file": index_name, "index_bytes": len(payload),
-                "index_crc32": zlib.crc32(payload)}
+                "begin": log.begin, "tail": log.tail, "rows": index.count,
+                "index_file": index_name, "index_bytes": index_bytes, "index_crc32": crc}
     write_json_atomic(os.path.join(directory, MANIFEST), manifest)
     _fsync_dir(directory)
     if old and old["index_file"] != index_name:
         _remove_quietly(os.path.join(directory, old["index_file"]))
     return checkpoint_id
+
+
+def _write_index(path: str, index: HashIndex) -> tuple[int, int]:
+    """Write the live pairs a slice of slots at a time (no full-size copy); returns size, CRC."""
+    crc = 0
+    written = 0
+    with open(path + ".tmp", "wb") as f:
+        for pairs in index.iter_pairs(CHUNK_PAIRS):
+            payload = pairs.astype("<i8", copy=False).tobytes()
+            f.write(payload)
+            crc = zlib.crc32(payload, crc)
+            written += len(payload)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    os.replace(path + ".tmp", path)
+    return written, crc
 
 
 def load_manifest(directory: str) -> dict | None:
@@ -71,20 +81,41 @@ def load_manifest(directory: str) -> dict | None:
 
 
 def load_index(directory: str, manifest: dict) -> HashIndex:
-    """The index a manifest names, checked against its recorded size and CRC-32."""
+    """The index a manifest names, checked against its recorded size and CRC-32.
+
+    Read a chunk at a time into an index sized up front, so loading never holds the file and
+    the index side by side.
+    """
     path = os.path.join(directory, manifest["index_file"])
+    n = manifest["rows"]
+    if manifest["index_bytes"] != 16 * n:
+        raise CorruptionError(f"{path}: manifest says {n} rows in {manifest['index_bytes']} bytes")
+    index = HashIndex.for_count(n)
+    crc = 0
     try:
         with open(path, "rb") as f:
-            payload = f.read()
+            if os.fstat(f.fileno()).st_size != 16 * n:
+                raise CorruptionError(f"{path}: index file is {os.fstat(f.fileno()).st_size} "
+                                      f"bytes, the manifest says {16 * n}")
+            buf = bytearray(16 * CHUNK_PAIRS)
+            left = n
+            while left:
+                take = min(left, CHUNK_PAIRS)
+                view = memoryview(buf)[:16 * take]
+                if f.readinto(view) != 16 * take:
+                    raise CorruptionError(f"{path}: index file ends early")
+                crc = zlib.crc32(view, crc)
+                pairs = np.frombuffer(view, dtype="<i8").reshape(take, 2)
+                index.assign(pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64))
+                left -= take
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     except FileNotFoundError as exc:
         raise CorruptionError(f"{path}: index file named by the manifest is missing") from exc
-    if len(payload) != manifest["index_bytes"] or zlib.crc32(payload) != manifest["index_crc32"]:
-        raise CorruptionError(f"{path}: index file is damaged (size or checksum mismatch)")
-    pairs = np.frombuffer(payload, dtype="<i8").astype(np.int64)
-    n = manifest["rows"]
-    if pairs.shape[0] != 2 * n:
-        raise CorruptionError(f"{path}: holds {pairs.shape[0] // 2} rows, manifest says {n}")
-    return HashIndex.from_entries(pairs[:n], pairs[n:])
+    if crc != manifest["index_crc32"]:
+        raise CorruptionError(f"{path}: index file is damaged (checksum mismatch)")
+    if index.count != n:
+        raise CorruptionError(f"{path}: holds {index.count} distinct keys, manifest says {n}")
+    return index
 
 
 def _fsync_dir(directory: str) -> None:

@@ -8,7 +8,7 @@ The OS page cache must not become a second, unbounded cache of the table. Where 
 system allows it, segments are opened with ``O_DIRECT``: page writes and row reads bypass the
 page cache entirely. Elsewhere (tmpfs, some network file systems) the device falls back to
 buffered I/O with ``POSIX_FADV_RANDOM`` and drops what it read or wrote with
-``POSIX_FADV_DONTNEED`` after each batch.
+``POSIX_FADV_DONTNEED`` right after each read run or page write.
 
 Reads of cold rows are sorted by address, merged into runs of adjacent blocks, and split over
 ``io_threads`` Python threads, each running a GIL-free kernel that calls ``pread``: a batch
@@ -172,14 +172,11 @@ class FileDevice:
                     self.io_threads, thread_name_prefix="mlkv-io")
             results = list(self._pool.map(lambda a: self._read_part(*a), args))
         self.bytes_read += sum(results)
-        if not self.direct:
-            for s in np.unique(addrs >> self.segment_bits):
-                os.posix_fadvise(int(self._fds[s]), 0, 0, os.POSIX_FADV_DONTNEED)
         return out
 
     def _read_part(self, addrs, out, scratch) -> int:
         got = K.read_records(self._fds, self.segment_bits, addrs, out.shape[1],
-                             self.block_bytes, MAX_RUN_BYTES, scratch, out)
+                             self.block_bytes, MAX_RUN_BYTES, scratch, out, not self.direct)
         if got < 0:
             address = int(addrs[-got - 1])
             segment = address >> self.segment_bits

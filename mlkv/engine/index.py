@@ -62,6 +62,17 @@ class HashIndex:
         self.reserve(keys.shape[0])
         self.count += K.assign(self.slot_keys, self.slot_addrs, keys, addrs)
 
+    def iter_pairs(self, chunk: int):
+        """Yield the live (key, address) pairs as ``[m, 2]`` arrays, a slice of slots at a time."""
+        for lo in range(0, self.capacity, chunk):
+            keys = self.slot_keys[lo:lo + chunk]
+            addrs = self.slot_addrs[lo:lo + chunk]
+            live_keys = np.empty(keys.shape[0], dtype=np.int64)
+            live_addrs = np.empty(keys.shape[0], dtype=np.int64)
+            m = K.live_entries(keys, addrs, live_keys, live_addrs)
+            if m:
+                yield np.stack([live_keys[:m], live_addrs[:m]], axis=1)
+
     def entries(self) -> tuple[np.ndarray, np.ndarray]:
         """Live (keys, addresses), in slot order."""
         keys = np.empty(self.count, dtype=np.int64)
@@ -72,6 +83,11 @@ class HashIndex:
 
     @classmethod
     def from_entries(cls, keys: np.ndarray, addrs: np.ndarray) -> "HashIndex":
-        index = cls(int(keys.shape[0] / MAX_LOAD) + 1)
+        index = cls.for_count(keys.shape[0])
         index.assign(keys, addrs)
         return index
+
+    @classmethod
+    def for_count(cls, n: int) -> "HashIndex":
+        """An empty index that holds ``n`` keys without growing."""
+        return cls(int(n / MAX_LOAD) + 1)
