@@ -18,32 +18,18 @@ keeps many reads in flight instead of waiting on the disk one row at a time.
 from __future__ import annotations
 
 import concurrent.futures
-import mmap
 import os
 
 import numpy as np
 
 from ..errors import DeviceError
 from . import _device_kernels as K
+from .buffers import aligned_empty
 
 BLOCK_BYTES = 4096
 MAX_RUN_BYTES = 64 << 10
 MIN_ROWS_PER_THREAD = 16
 DEFAULT_IO_THREADS = 32
-
-
-def aligned_empty(nbytes: int, alignment: int = BLOCK_BYTES) -> np.ndarray:
-    """An uninitialised uint8 array whose data starts on an ``alignment`` boundary.
-
-    The memory comes from an anonymous mmap, so it is page-aligned and takes no resident
-    memory until it is touched.
-    """
-    buf = mmap.mmap(-1, max(nbytes, 1) + alignment)
-    if nbytes >= 1 << 21 and hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)     # fewer TLB misses on random row access
-    raw = np.frombuffer(buf, dtype=np.uint8)
-    offset = (-raw.ctypes.data) % alignment
-    return raw[offset:offset + nbytes]
 
 
 class FileDevice:

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..config import MIN_FRAMES
 from . import _log_kernels as K
-from .device import aligned_empty
+from .buffers import aligned_empty
 from .layout import RecordLayout
 
 MUTABLE_FRACTION = 0.9
