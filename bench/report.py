@@ -27,7 +27,7 @@ def render(data: dict, source: str = "") -> str:
     if source:
         lines += [f"Results: `{source}` ({data.get('datetime', '')})", ""]
     lines += ["## Machine", ""]
-    for key, label in (("nproc", "nproc"), ("cpu", "CPU"), ("mem_gib", "memory (GiB)"),
+    for key, label in (("mlkv_commit", "mlkv code at"), ("nproc", "nproc"), ("cpu", "CPU"), ("mem_gib", "memory (GiB)"),
                        ("disk", "disk"), ("platform", "platform"), ("python", "python"),
                        ("numpy", "numpy"), ("numba", "numba"), ("rocksdict", "rocksdict"),
                        ("lmdb", "lmdb (py)"), ("lmdb_c", "LMDB (C)")):
@@ -39,7 +39,7 @@ def render(data: dict, source: str = "") -> str:
     lines.append("")
     if data.get("mlkv_command"):
         lines += ["## Command", "", "```", data["mlkv_command"], "```", ""]
-    lines += ["## Results", "", "Rows/s are rows per second of the mean timed round; a round "
+    lines += ["## Results", "", "Rows/s are rows per second of the median timed round; a round "
               "is a fixed list of batches of 4,096 keys.", "",
               benchlib.markdown(benchlib.summarize(data.get("benchmarks", [])))]
     return "\n".join(lines)

@@ -80,16 +80,19 @@ def _rounds(sizes, dist, with_values=False):
 def test_resident_get(benchmark, resident_tables, sizes, system, dist):
     table = resident_tables(system)
     rounds = _rounds(sizes, dist)
+    cpu = benchlib.CpuClock()
+    warmup = 0 if sizes.smoke else 1
 
     def run(keys):
-        for k in keys:
-            out = table.get(k)
+        with cpu:
+            for k in keys:
+                out = table.get(k)
         return out
 
-    out = benchmark.pedantic(run, setup=rounds.setup, rounds=sizes.rounds,
-                             warmup_rounds=0 if sizes.smoke else 1)
+    out = benchmark.pedantic(run, setup=rounds.setup, rounds=sizes.rounds, warmup_rounds=warmup)
     np.testing.assert_array_equal(out, benchlib.row_values(rounds.last[-1]))
-    benchlib.record(benchmark, rounds.rows_per_round, scenario="resident", op="get",
+    benchlib.record(benchmark, rounds.rows_per_round, cpu=cpu, warmup=warmup,
+                    scenario="resident", op="get",
                     dist=dist, system=system, rows=sizes.resident_rows,
                     memory_bytes=sizes.resident_memory, **_extra(system, table))
 
@@ -99,15 +102,18 @@ def test_resident_get(benchmark, resident_tables, sizes, system, dist):
 def test_resident_put(benchmark, resident_tables, sizes, system, dist):
     table = resident_tables(system)
     rounds = _rounds(sizes, dist, with_values=True)
+    cpu = benchlib.CpuClock()
+    warmup = 0 if sizes.smoke else 1
 
     def run(keys, values):
-        for k, v in zip(keys, values):
-            table.put(k, v)
+        with cpu:
+            for k, v in zip(keys, values):
+                table.put(k, v)
 
-    benchmark.pedantic(run, setup=rounds.setup, rounds=sizes.rounds,
-                       warmup_rounds=0 if sizes.smoke else 1)
+    benchmark.pedantic(run, setup=rounds.setup, rounds=sizes.rounds, warmup_rounds=warmup)
     k = rounds.last[0]
     np.testing.assert_array_equal(table.get(k), benchlib.row_values(k))
-    benchlib.record(benchmark, rounds.rows_per_round, scenario="resident", op="put",
+    benchlib.record(benchmark, rounds.rows_per_round, cpu=cpu, warmup=warmup,
+                    scenario="resident", op="put",
                     dist=dist, system=system, rows=sizes.resident_rows,
                     memory_bytes=sizes.resident_memory, **_extra(system, table))
