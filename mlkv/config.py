@@ -60,6 +60,8 @@ class StoreSettings:
         _check_int("dim", self.dim, minimum=1)
         _check_int("state_dim", self.state_dim, minimum=0)
         _check_int("seed", self.seed, minimum=0)
+        if self.seed >= 1 << 64:
+            raise ValueError(f"seed must be below 2**64, got {self.seed}")
         _check_int("page_bits", self.page_bits, minimum=MIN_PAGE_BITS)
         _check_int("segment_bits", self.segment_bits, minimum=self.page_bits)
         if self.page_bits > 30:

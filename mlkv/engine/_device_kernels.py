@@ -24,7 +24,7 @@ def read_records(fds, segment_bits, addrs, record_bytes, block_bytes, max_run_by
     Reads are whole aligned blocks of ``block_bytes`` (as O_DIRECT needs). Records whose
     blocks touch are served by one ``pread`` of up to ``max_run_bytes``; a block is read once
     for every record it holds. ``scratch`` must be aligned and hold ``max_run_bytes`` plus
-    two blocks. With ``drop_cache`` (buffered I/O), each run's pages are dropped from the OS
+    two blocks (and at least one record). With ``drop_cache`` (buffered I/O), each run's pages are dropped from the OS
     page cache right after it is read, so a batch never holds more than one run there.
     Returns the bytes read, or ``-(1 + i)`` if the read for ``addrs[i]`` failed
     or came back short.
@@ -47,6 +47,8 @@ def read_records(fds, segment_bits, addrs, record_bytes, block_bytes, max_run_by
                 run_end = e
             j += 1
         length = run_end - run_start
+        if length > scratch.shape[0]:
+            return -(1 + i)
         got = _pread(fds[seg], scratch.ctypes.data, length, run_start)
         if got != length:
             return -(1 + i)

@@ -71,16 +71,27 @@ def _frame_word(geo, address):
 
 
 @kernel
-def _admit(policy, counters, key, count):
-    """Whether a read of a row below read_only copies it to the tail (see policy.py)."""
+def _admit(policy, counters, key, counted):
+    """Whether a read of a row below read_only copies it to the tail (see policy.py).
+
+    ``counted``: this read is already counted in the frequency counters (by :func:`_count`),
+    or is the first pass's own read, which counts as one more.
+    """
     if policy == POLICY_SECOND_CHANCE:
         return True
     if policy == POLICY_FREQUENCY:
         c = np.int64(mix64(np.uint64(key)) & np.uint64(counters.shape[0] - 1))
-        if count and counters[c] < 255:
-            counters[c] += 1
-        return counters[c] >= FREQUENCY_THRESHOLD
+        return np.int64(counters[c]) + (0 if counted else 1) >= FREQUENCY_THRESHOLD
     return False
+
+
+@kernel
+def _count(policy, counters, key):
+    """Count one read of ``key`` for the frequency policy (saturating at 255)."""
+    if policy == POLICY_FREQUENCY:
+        c = np.int64(mix64(np.uint64(key)) & np.uint64(counters.shape[0] - 1))
+        if counters[c] < 255:
+            counters[c] += 1
 
 
 @kernel
@@ -141,20 +152,25 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
             continue
         a = slot_addrs[s]
         if a < marks[M_HEAD]:
-            _admit(policy, counters, keys[i], True)
+            _count(policy, counters, keys[i])
             addrs_out[i] = a
             cold_pos[n_cold] = i
             n_cold += 1
             continue
-        if a < marks[M_READ_ONLY] and _admit(policy, counters, keys[i], True):
-            new = allocate(words, dirty, geo, marks)
-            if new < 0:
+        if a < marks[M_READ_ONLY]:
+            # Admission is decided before this read is counted and the count comes after the
+            # allocation, so a stop (no free frame) and the resumed call count it once.
+            admit = _admit(policy, counters, keys[i], False)
+            new = allocate(words, dirty, geo, marks) if admit else -1
+            if admit and new < 0:
                 return i, n_cold
-            f0, w0 = _frame_word(geo, a)
-            f1, w1 = _frame_word(geo, new)
-            words[f1, w1:w1 + words_per_record] = words[f0, w0:w0 + words_per_record]
-            slot_addrs[s] = new
-            a = new
+            _count(policy, counters, keys[i])
+            if admit:
+                f0, w0 = _frame_word(geo, a)
+                f1, w1 = _frame_word(geo, new)
+                words[f1, w1:w1 + words_per_record] = words[f0, w0:w0 + words_per_record]
+                slot_addrs[s] = new
+                a = new
         addrs_out[i] = a
         if want_values:
             f, w = _frame_word(geo, a)
@@ -180,7 +196,7 @@ def finish_cold(slot_keys, slot_addrs, words, dirty, geo, marks, keys, cold_pos,
         if want_values:
             for j in range(geo[G_DIM]):
                 out[i, j] = rec_vals[r, base + j]
-        if _admit(policy, counters, keys[i], False):
+        if _admit(policy, counters, keys[i], True):
             s = find_slot(slot_keys, slot_addrs, keys[i])
             if s >= 0 and slot_addrs[s] == cold_addrs[c]:
                 new = allocate(words, dirty, geo, marks)

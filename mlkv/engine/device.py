@@ -66,8 +66,7 @@ class FileDevice:
         self.bytes_written = 0
         self.read_calls = 0
         self._fds = np.full(16, -1, dtype=np.int32)
-        self._scratch = [aligned_empty(MAX_RUN_BYTES + 2 * BLOCK_BYTES)
-                         for _ in range(self.io_threads)]
+        self._scratch = []                      # per thread; sized for the records read
         self._pool = None
         for name in sorted(os.listdir(directory)):
             if name.startswith("segment-") and name.endswith(".log"):
@@ -146,6 +145,9 @@ class FileDevice:
     def read_records(self, addrs: np.ndarray, record_bytes: int) -> np.ndarray:
         """Records at sorted, unique ``addrs``, as a uint8 array ``[len(addrs), record_bytes]``."""
         out = np.empty((addrs.shape[0], record_bytes), dtype=np.uint8)
+        scratch_bytes = max(MAX_RUN_BYTES, record_bytes) + 2 * self.block_bytes
+        if not self._scratch or self._scratch[0].nbytes < scratch_bytes:
+            self._scratch = [aligned_empty(scratch_bytes) for _ in range(self.io_threads)]
         n_threads = min(self.io_threads, max(1, addrs.shape[0] // MIN_ROWS_PER_THREAD))
         bounds = np.linspace(0, addrs.shape[0], n_threads + 1).astype(np.int64)
         args = [(addrs[lo:hi], out[lo:hi], self._scratch[t])

@@ -27,11 +27,11 @@ Header (one little-endian uint64)
 
     63        56 55        48 47                              16 15               0
     +-----------+------------+---------------------------------+------------------+
-    | reserved  |   flags    |            version              | pending reads    |
+    | reserved  |   flags    |       reserved (zero)           | pending reads    |
     +-----------+------------+---------------------------------+------------------+
 
 - ``pending reads``: rows handed to training whose update has not come back (staleness).
-- ``version``: number of writes of this key so far, carried across copies to the tail.
+- bits 16..47 are reserved and written as zero.
 - ``flags``: bit 0 ``VALID`` (a written record; all-zero padding has it clear),
   bit 1 ``TOMBSTONE`` (the key was deleted here).
 """
@@ -47,8 +47,6 @@ KEY_BYTES = 8
 NO_ADDRESS = -1
 
 PENDING_MASK = np.uint64(0xFFFF)
-VERSION_SHIFT = 16
-VERSION_MASK = 0xFFFFFFFF
 FLAGS_SHIFT = 48
 FLAG_VALID = 1
 FLAG_TOMBSTONE = 2

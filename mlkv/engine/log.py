@@ -29,6 +29,12 @@ from .layout import RecordLayout
 MUTABLE_FRACTION = 0.9
 
 
+def kernel_dtype(dtype) -> np.dtype:
+    """The dtype kernels move values as: Numba has no float16, so its bits travel as uint16."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.uint16) if dtype == np.float16 else dtype
+
+
 class HybridLog:
     """Buffer pool and markers of one store.
 
@@ -54,7 +60,7 @@ class HybridLog:
         self.frames = aligned_empty(self.n_frames * layout.page_bytes).reshape(
             self.n_frames, layout.page_bytes)
         self.words = self.frames.view(np.int64)
-        self.vals = self.frames.view(dtype)
+        self.vals = self.frames.view(kernel_dtype(dtype))
         self.f32 = self.frames.view(np.float32)
         self.dirty = np.zeros(self.n_frames, dtype=np.uint8)
         self.geo = np.array([layout.page_bits, self.n_frames, layout.record_bytes // 8,

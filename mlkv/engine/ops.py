@@ -18,7 +18,7 @@ from . import _log_kernels as K
 from .device import FileDevice
 from .index import HashIndex
 from .layout import RecordLayout
-from .log import HybridLog
+from .log import HybridLog, kernel_dtype
 from .policy import CachePolicy
 
 
@@ -56,6 +56,7 @@ def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: i
     policy = eng.policy.code if policy_code is None else policy_code
     n = keys.shape[0]
     out = np.empty((n if want_values else 0, eng.layout.dim), dtype=eng.dtype)
+    out_bits = out.view(kernel_dtype(eng.dtype))
     addrs = np.empty(n, dtype=np.int64)
     cold_pos = np.empty(n, dtype=np.int64)
     n_cold = 0
@@ -64,7 +65,8 @@ def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: i
         nonlocal n_cold
         pos, n_cold = K.read_resident(
             idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.dirty, log.geo, log.marks,
-            keys, pos, want_values, out, addrs, cold_pos, n_cold, policy, eng.policy.counters)
+            keys, pos, want_values, out_bits, addrs, cold_pos, n_cold, policy,
+            eng.policy.counters)
         return None if pos == n else pos
 
     _run(eng, serve_resident)
@@ -73,13 +75,13 @@ def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: i
         cold_addrs = addrs[cold_pos]
         unique_addrs, rec_index = np.unique(cold_addrs, return_inverse=True)
         records = eng.device.read_records(unique_addrs, eng.layout.record_bytes)
-        rec_words, rec_vals = records.view(np.int64), records.view(eng.dtype)
+        rec_words, rec_vals = records.view(np.int64), records.view(kernel_dtype(eng.dtype))
 
         def finish(pos):
             pos = K.finish_cold(
                 idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo, log.marks, keys,
-                cold_pos, cold_addrs, rec_words, rec_vals, rec_index, pos, want_values, out,
-                policy, eng.policy.counters)
+                cold_pos, cold_addrs, rec_words, rec_vals, rec_index, pos, want_values,
+                out_bits, policy, eng.policy.counters)
             return None if pos == n_cold else pos
 
         _run(eng, finish)
@@ -93,6 +95,7 @@ def upsert(eng: Engine, keys: np.ndarray, values: np.ndarray) -> None:
     """Write ``values`` for ``keys`` (optimizer state reset to zeros); the last repeat wins."""
     log, idx = eng.log, eng.index
     idx.reserve(keys.shape[0])
+    values = values.view(kernel_dtype(values.dtype))
 
     def write(pos):
         pos, inserted = K.write_rows(idx.slot_keys, idx.slot_addrs, log.words, log.vals,
@@ -127,9 +130,11 @@ def create_missing(eng: Engine, keys: np.ndarray, init_kind: int, init_scale: fl
     if absent.shape[0] == 0:
         return 0
     absent = np.unique(absent)
-    values = np.empty((absent.shape[0], eng.layout.dim), dtype=eng.dtype)
-    K.init_values(absent, seed, init_kind, init_scale, values)
-    upsert(eng, absent, values)
+    # float16 rows are drawn in float32 and rounded, as Numba has no float16 arithmetic
+    draw_dtype = np.float32 if eng.dtype == np.float16 else eng.dtype
+    values = np.empty((absent.shape[0], eng.layout.dim), dtype=draw_dtype)
+    K.init_values(absent, np.uint64(seed), init_kind, init_scale, values)
+    upsert(eng, absent, values.astype(eng.dtype, copy=False))
     return absent.shape[0]
 
 
