@@ -1,9 +1,16 @@
 """Numba kernels of the hash index (see :mod:`mlkv.engine.index`).
 
 The index is two parallel int64 arrays of power-of-two length: ``slot_keys`` and
-``slot_addrs``. A slot is empty when its address is ``-1`` (keys may be any int64, so no key
-value can mark emptiness). Collisions probe linearly; deletion shifts later entries of the
-probe run back, so no tombstones are ever needed.
+``slot_addrs``. A slot is empty when its address is ``0``: no record lives at address 0 (the
+log starts at page 1), while keys may be any int64, so no key value could mark emptiness. All
+zeros being "empty", a fresh index is free memory until keys land in it. Collisions probe
+linearly; deletion shifts later entries of the probe run back, so no tombstones are needed.
+
+A key's home slot is the top bits of its hash, scaled to the capacity
+(``(hash >> 32) * capacity >> 32``). Homes are then monotone in the hash: doubling the
+capacity sends home ``h`` to ``2h`` or ``2h + 1``, so a rehash that walks the old slots in
+order fills the new arrays front to back, and can hand the old slots back to the OS as it
+goes (see :meth:`HashIndex.reserve`).
 """
 
 import numpy as np
@@ -15,6 +22,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 _S30 = np.uint64(30)
 _S27 = np.uint64(27)
 _S31 = np.uint64(31)
+_S32 = np.uint64(32)
 
 
 @kernel
@@ -26,17 +34,19 @@ def mix64(x):
 
 
 @kernel
-def home_slot(key, mask):
-    return np.int64(mix64(np.uint64(key)) & np.uint64(mask))
+def home_slot(key, capacity):
+    """The slot ``key``'s probe starts at: its hash's top 32 bits scaled to ``capacity``."""
+    return np.int64(((mix64(np.uint64(key)) >> _S32) * np.uint64(capacity)) >> _S32)
 
 
 @kernel
 def find_slot(slot_keys, slot_addrs, key):
     """Slot holding ``key``, or ``-(s + 1)`` where ``s`` is the empty slot ending its probe run."""
-    mask = slot_keys.shape[0] - 1
-    s = home_slot(key, mask)
+    capacity = slot_keys.shape[0]
+    mask = capacity - 1
+    s = home_slot(key, capacity)
     while True:
-        if slot_addrs[s] < 0:
+        if slot_addrs[s] == 0:
             return -(s + 1)
         if slot_keys[s] == key:
             return s
@@ -46,20 +56,21 @@ def find_slot(slot_keys, slot_addrs, key):
 @kernel
 def remove_slot(slot_keys, slot_addrs, s):
     """Empty slot ``s`` and shift back the entries whose probe run passed through it."""
-    mask = slot_keys.shape[0] - 1
+    capacity = slot_keys.shape[0]
+    mask = capacity - 1
     hole = s
     j = s
     while True:
         j = (j + 1) & mask
-        if slot_addrs[j] < 0:
+        if slot_addrs[j] == 0:
             break
-        home = home_slot(slot_keys[j], mask)
+        home = home_slot(slot_keys[j], capacity)
         # Move j into the hole unless its home lies cyclically in (hole, j].
         if (j > hole and (home <= hole or home > j)) or (j < hole and (home <= hole and home > j)):
             slot_keys[hole] = slot_keys[j]
             slot_addrs[hole] = slot_addrs[j]
             hole = j
-    slot_addrs[hole] = -1
+    slot_addrs[hole] = 0
     slot_keys[hole] = 0
 
 
@@ -93,9 +104,9 @@ def assign(slot_keys, slot_addrs, keys, addrs):
 
 @kernel
 def rehash(old_keys, old_addrs, new_keys, new_addrs):
-    """Insert every live entry of the old arrays into the (empty) new ones."""
+    """Insert every live entry of the old arrays (or a slice of them) into the new ones."""
     for s in range(old_keys.shape[0]):
-        if old_addrs[s] >= 0:
+        if old_addrs[s] != 0:
             t = -find_slot(new_keys, new_addrs, old_keys[s]) - 1
             new_keys[t] = old_keys[s]
             new_addrs[t] = old_addrs[s]
@@ -106,7 +117,7 @@ def live_entries(slot_keys, slot_addrs, out_keys, out_addrs):
     """Copy live (key, address) pairs in slot order into the outputs; returns their count."""
     n = 0
     for s in range(slot_keys.shape[0]):
-        if slot_addrs[s] >= 0:
+        if slot_addrs[s] != 0:
             out_keys[n] = slot_keys[s]
             out_addrs[n] = slot_addrs[s]
             n += 1

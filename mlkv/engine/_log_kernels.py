@@ -105,11 +105,11 @@ def _copy_values_out(vals, geo, frame, word, out, i):
 def find_slots(slot_keys, slot_addrs, keys, start):
     """``find_slot`` for ``keys[start:]``, prefetching home slots a few keys ahead."""
     n = keys.shape[0]
-    mask = slot_keys.shape[0] - 1
+    capacity = slot_keys.shape[0]
     slots = np.empty(n - start, dtype=np.int64)
     for i in range(start, n):
         if i + PREFETCH_DISTANCE < n:
-            h = home_slot(keys[i + PREFETCH_DISTANCE], mask)
+            h = home_slot(keys[i + PREFETCH_DISTANCE], capacity)
             prefetch(slot_keys, h)
             prefetch(slot_addrs, h)
         slots[i - start] = find_slot(slot_keys, slot_addrs, keys[i])

@@ -4,6 +4,12 @@ The index holds addresses only, never rows (as in FASTER). It lives in memory as
 arrays of power-of-two length and is written at checkpoint as the live (key, address) pairs.
 It grows by rehashing into twice the capacity when more than ``MAX_LOAD`` of its slots are used,
 so no capacity is chosen up front; at steady state it costs about 16 / load = 21-43 bytes a key.
+
+The arrays are anonymous memory maps (:mod:`.buffers`): empty slots are zero pages that take no
+memory, and a rehash walks the old slots a chunk at a time, handing each chunk back to the OS
+once its keys are in the new arrays. Because home slots are monotone in the hash, the new
+arrays fill front to back at the same pace, so growing costs about the new size at its peak,
+not old plus new.
 """
 
 from __future__ import annotations
@@ -11,9 +17,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import _index_kernels as K
+from .buffers import anonymous, release
 
 MAX_LOAD = 0.75
 MIN_CAPACITY = 1 << 10
+MAX_CAPACITY = 1 << 32          # home slots scale 32 hash bits
+REHASH_CHUNK = 1 << 16          # old slots moved between two hand-backs to the OS
 
 
 class HashIndex:
@@ -27,8 +36,7 @@ class HashIndex:
 
     def __init__(self, capacity: int = MIN_CAPACITY):
         capacity = max(MIN_CAPACITY, 1 << int(np.ceil(np.log2(max(capacity, 1)))))
-        self.slot_keys = np.zeros(capacity, dtype=np.int64)
-        self.slot_addrs = np.full(capacity, -1, dtype=np.int64)
+        self.slot_keys, self.slot_addrs = _empty_slots(capacity)
         self.count = 0
 
     @property
@@ -47,9 +55,13 @@ class HashIndex:
         capacity = self.capacity
         while needed > MAX_LOAD * capacity:
             capacity *= 2
-        new_keys = np.zeros(capacity, dtype=np.int64)
-        new_addrs = np.full(capacity, -1, dtype=np.int64)
-        K.rehash(self.slot_keys, self.slot_addrs, new_keys, new_addrs)
+        new_keys, new_addrs = _empty_slots(capacity)
+        old_keys, old_addrs = self.slot_keys, self.slot_addrs
+        for lo in range(0, old_keys.shape[0], REHASH_CHUNK):
+            hi = lo + REHASH_CHUNK
+            K.rehash(old_keys[lo:hi], old_addrs[lo:hi], new_keys, new_addrs)
+            release(old_keys[lo:hi])
+            release(old_addrs[lo:hi])
         self.slot_keys, self.slot_addrs = new_keys, new_addrs
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
@@ -91,3 +103,9 @@ class HashIndex:
     def for_count(cls, n: int) -> "HashIndex":
         """An empty index that holds ``n`` keys without growing."""
         return cls(int(n / MAX_LOAD) + 1)
+
+
+def _empty_slots(capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    if capacity > MAX_CAPACITY:
+        raise MemoryError(f"the index cannot grow past {MAX_CAPACITY} slots")
+    return anonymous((capacity,), np.int64), anonymous((capacity,), np.int64)

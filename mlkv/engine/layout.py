@@ -10,7 +10,9 @@ A logical address is a byte offset into the ever-growing log::
     +-----------------------+---------------------------+--------------------+
 
 Records never straddle a page: a page holds ``records_per_page`` records from its start and
-the bytes after the last one are padding. ``-1`` is "no address" in every array.
+the bytes after the last one are padding. The log starts at page 1 (``FIRST_ADDRESS_PAGE``;
+page 0 is a hole in segment 0 that takes no disk), so no record lives at address 0 and an
+index slot holding 0 is empty. ``-1`` is "no address" in the arrays operations return.
 
 Record
 ------
@@ -45,6 +47,7 @@ import numpy as np
 HEADER_BYTES = 8
 KEY_BYTES = 8
 NO_ADDRESS = -1
+FIRST_ADDRESS_PAGE = 1
 
 PENDING_MASK = np.uint64(0xFFFF)
 FLAGS_SHIFT = 48

@@ -24,7 +24,7 @@ import numpy as np
 from ..config import MIN_FRAMES
 from . import _log_kernels as K
 from .buffers import aligned_empty
-from .layout import RecordLayout
+from .layout import FIRST_ADDRESS_PAGE, RecordLayout
 
 MUTABLE_FRACTION = 0.9
 
@@ -67,9 +67,7 @@ class HybridLog:
                              layout.dim, layout.state_dim, layout.value_offset,
                              layout.state_offset, dtype.itemsize], dtype=np.int64)
         self.marks = np.zeros(K.N_MARKS, dtype=np.int64)
-        self.marks[K.M_OPEN_PAGE] = -1
-        self._set_limit()
-        self.touched_frames = 0
+        self.restore(FIRST_ADDRESS_PAGE << layout.page_bits, FIRST_ADDRESS_PAGE << layout.page_bits)
 
     # ---- markers -------------------------------------------------------------------------
     @property
