@@ -58,6 +58,10 @@ numba.config.CACHE_DIR = _CACHE_DIR
 #: OpenMP layer crashes forked DataLoader workers).
 kernel = functools.partial(numba.njit, cache=True, nogil=True, error_model="numpy")
 
+#: The decorator of small helpers called per row inside kernels: inlined at Numba's level, so
+#: a call costs no argument boxing and no reference counting of the arrays it is handed.
+inline_kernel = functools.partial(kernel, inline="always")
+
 
 from llvmlite import ir as _ir  # noqa: E402
 from numba import types as _types  # noqa: E402

@@ -15,7 +15,7 @@ goes (see :meth:`HashIndex.reserve`).
 
 import numpy as np
 
-from .._jit import kernel
+from .._jit import inline_kernel, kernel
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
@@ -25,7 +25,7 @@ _S31 = np.uint64(31)
 _S32 = np.uint64(32)
 
 
-@kernel
+@inline_kernel
 def mix64(x):
     """splitmix64's finalizer: a bijection of uint64 that spreads every input bit."""
     x = (x ^ (x >> _S30)) * _M1
@@ -33,13 +33,13 @@ def mix64(x):
     return x ^ (x >> _S31)
 
 
-@kernel
+@inline_kernel
 def home_slot(key, capacity):
     """The slot ``key``'s probe starts at: its hash's top 32 bits scaled to ``capacity``."""
     return np.int64(((mix64(np.uint64(key)) >> _S32) * np.uint64(capacity)) >> _S32)
 
 
-@kernel
+@inline_kernel
 def find_slot(slot_keys, slot_addrs, key):
     """Slot holding ``key``, or ``-(s + 1)`` where ``s`` is the empty slot ending its probe run."""
     capacity = slot_keys.shape[0]

@@ -19,12 +19,15 @@ allocation succeeded, so a stop leaves no half-written key.
 
 import numpy as np
 
-from .._jit import kernel, prefetch
+from .._jit import inline_kernel, kernel, prefetch
 from ._index_kernels import find_slot, home_slot, mix64, remove_slot
 
-# geometry
-G_PAGE_BITS, G_FRAMES, G_RECORD_WORDS, G_DIM, G_STATE_DIM, G_VALUE_OFFSET, G_STATE_OFFSET, \
-    G_ITEMSIZE = range(8)
+# geometry. Value and state positions are counted in elements of the views that hold them
+# (``vals``: the store dtype; ``f32``), so kernels index with a multiply and an add: the
+# record at word ``w`` of a frame has value ``j`` at ``w * G_VALUES_PER_WORD + G_VALUE_BASE + j``.
+G_PAGE_BITS, G_FRAMES, G_RECORD_WORDS, G_DIM, G_STATE_DIM, G_VALUE_BASE, G_STATE_BASE, \
+    G_VALUES_PER_WORD = range(8)
+N_GEOMETRY = 8
 # markers
 M_BEGIN, M_HEAD, M_READ_ONLY, M_TAIL, M_OPEN_PAGE, M_LIMIT_PAGE = range(6)
 N_MARKS = 6
@@ -63,14 +66,14 @@ def allocate(words, dirty, geo, marks):
     return tail
 
 
-@kernel
+@inline_kernel
 def _frame_word(geo, address):
     """(frame, word offset) of an in-memory address."""
     page_bits = geo[G_PAGE_BITS]
     return (address >> page_bits) % geo[G_FRAMES], (address & ((1 << page_bits) - 1)) >> 3
 
 
-@kernel
+@inline_kernel
 def _admit(policy, counters, key, counted):
     """Whether a read of a row below read_only copies it to the tail (see policy.py).
 
@@ -85,7 +88,7 @@ def _admit(policy, counters, key, counted):
     return False
 
 
-@kernel
+@inline_kernel
 def _count(policy, counters, key):
     """Count one read of ``key`` for the frequency policy (saturating at 255)."""
     if policy == POLICY_FREQUENCY:
@@ -94,16 +97,19 @@ def _count(policy, counters, key):
             counters[c] += 1
 
 
-@kernel
-def _copy_values_out(vals, geo, frame, word, out, i):
-    base = (word * 8 + geo[G_VALUE_OFFSET]) // geo[G_ITEMSIZE]
-    for j in range(geo[G_DIM]):
-        out[i, j] = vals[frame, base + j]
+@inline_kernel
+def _copy_values_out(vals, frame, first, out, i):
+    for j in range(out.shape[1]):
+        out[i, j] = vals[frame, first + j]
 
 
 @kernel
-def find_slots(slot_keys, slot_addrs, keys, start):
-    """``find_slot`` for ``keys[start:]``, prefetching home slots a few keys ahead."""
+def find_slots(slot_keys, slot_addrs, keys, start, addrs):
+    """``find_slot`` for ``keys[start:]``, prefetching home slots a few keys ahead.
+
+    Returns the slots (negative for absent keys, as ``find_slot``) and sets ``addrs[i]`` to
+    each key's address then (-1 if absent), read while its index line is in cache.
+    """
     n = keys.shape[0]
     capacity = slot_keys.shape[0]
     slots = np.empty(n - start, dtype=np.int64)
@@ -112,21 +118,21 @@ def find_slots(slot_keys, slot_addrs, keys, start):
             h = home_slot(keys[i + PREFETCH_DISTANCE], capacity)
             prefetch(slot_keys, h)
             prefetch(slot_addrs, h)
-        slots[i - start] = find_slot(slot_keys, slot_addrs, keys[i])
+        s = find_slot(slot_keys, slot_addrs, keys[i])
+        slots[i - start] = s
+        addrs[i] = slot_addrs[s] if s >= 0 else -1
     return slots
 
 
-@kernel
-def _prefetch_record(words, geo, marks, slot_addrs, slot):
-    """Prefetch the cache lines of the record an index slot points at, if it is in memory."""
-    if slot >= 0:
-        a = slot_addrs[slot]
-        if a >= marks[M_HEAD]:
-            f, w = _frame_word(geo, a)
-            base = f * words.shape[1] + w
-            for k in range(0, geo[G_RECORD_WORDS], 8):
-                prefetch(words, base + k)
-            prefetch(words, base + geo[G_RECORD_WORDS] - 1)
+@inline_kernel
+def _prefetch_record(words, geo, marks, address):
+    """Prefetch the cache lines of the record at ``address``, if it is in memory."""
+    if address >= marks[M_HEAD]:
+        f, w = _frame_word(geo, address)
+        base = f * words.shape[1] + w
+        for k in range(0, geo[G_RECORD_WORDS], 8):
+            prefetch(words, base + k)
+        prefetch(words, base + geo[G_RECORD_WORDS] - 1)
 
 
 @kernel
@@ -140,24 +146,32 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
     ``cold_pos`` for :func:`finish_cold`. Returns ``(position reached, n_cold)``.
     """
     words_per_record = geo[G_RECORD_WORDS]
+    values_per_word = geo[G_VALUES_PER_WORD]
+    value_base = geo[G_VALUE_BASE]
+    head = marks[M_HEAD]            # markers move only between kernel calls
+    read_only = marks[M_READ_ONLY]
     n = keys.shape[0]
-    # A read inserts and removes no key, so the slots found up front stay valid.
-    slots = find_slots(slot_keys, slot_addrs, keys, start)
+    # A read inserts and removes no key, so the slots found up front stay valid. Addresses
+    # found up front stay valid at or above read_only (nothing there moves during a call);
+    # below it, a repeat of a key copied to the tail earlier in this batch has moved, so
+    # those are read again from the index.
+    slots = find_slots(slot_keys, slot_addrs, keys, start, addrs_out)
     for i in range(start, n):
         if want_values and i + PREFETCH_DISTANCE < n:
-            _prefetch_record(words, geo, marks, slot_addrs, slots[i + PREFETCH_DISTANCE - start])
+            _prefetch_record(words, geo, marks, addrs_out[i + PREFETCH_DISTANCE])
         s = slots[i - start]
         if s < 0:
-            addrs_out[i] = -1
             continue
-        a = slot_addrs[s]
-        if a < marks[M_HEAD]:
+        a = addrs_out[i]
+        if a < read_only:
+            a = slot_addrs[s]
+        if a < head:
             _count(policy, counters, keys[i])
             addrs_out[i] = a
             cold_pos[n_cold] = i
             n_cold += 1
             continue
-        if a < marks[M_READ_ONLY]:
+        if a < read_only:
             # Admission is decided before this read is counted and the count comes after the
             # allocation, so a stop (no free frame) and the resumed call count it once.
             admit = _admit(policy, counters, keys[i], False)
@@ -174,7 +188,7 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
         addrs_out[i] = a
         if want_values:
             f, w = _frame_word(geo, a)
-            _copy_values_out(vals, geo, f, w, out, i)
+            _copy_values_out(vals, f, w * values_per_word + value_base, out, i)
     return n, n_cold
 
 
@@ -189,13 +203,12 @@ def finish_cold(slot_keys, slot_addrs, words, dirty, geo, marks, keys, cold_pos,
     Returns the position reached in ``cold_pos``.
     """
     words_per_record = geo[G_RECORD_WORDS]
-    base = geo[G_VALUE_OFFSET] // geo[G_ITEMSIZE]
+    value_base = geo[G_VALUE_BASE]
     for c in range(start, cold_pos.shape[0]):
         i = cold_pos[c]
         r = rec_index[c]
         if want_values:
-            for j in range(geo[G_DIM]):
-                out[i, j] = rec_vals[r, base + j]
+            _copy_values_out(rec_vals, r, value_base, out, i)
         if _admit(policy, counters, keys[i], True):
             s = find_slot(slot_keys, slot_addrs, keys[i])
             if s >= 0 and slot_addrs[s] == cold_addrs[c]:
@@ -217,23 +230,31 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
     the batch is written twice, the second time in place: the last write wins.
     Returns ``(position reached, keys inserted)``.
     """
-    dim = geo[G_DIM]
-    value_base = geo[G_VALUE_OFFSET] // geo[G_ITEMSIZE]
-    state_base = geo[G_STATE_OFFSET] // 4
+    value_base = geo[G_VALUE_BASE]
+    values_per_word = geo[G_VALUES_PER_WORD]
+    state_base = geo[G_STATE_BASE]
+    state_dim = geo[G_STATE_DIM]
+    read_only = marks[M_READ_ONLY]
     inserted = 0
     n = keys.shape[0]
     # Slots of present keys stay valid while others are inserted; an absent key's empty slot
     # may be taken by an earlier insert of this batch, so absent keys are looked up again.
-    slots = find_slots(slot_keys, slot_addrs, keys, start)
+    # Addresses found up front stay valid at or above read_only; below it, a repeat of a key
+    # appended earlier in this batch has moved, so those are read again.
+    addrs = np.empty(n, dtype=np.int64)
+    slots = find_slots(slot_keys, slot_addrs, keys, start, addrs)
     for i in range(start, n):
         if i + PREFETCH_DISTANCE < n:
-            _prefetch_record(words, geo, marks, slot_addrs, slots[i + PREFETCH_DISTANCE - start])
+            _prefetch_record(words, geo, marks, addrs[i + PREFETCH_DISTANCE])
         s = slots[i - start]
         if s < 0:
             s = find_slot(slot_keys, slot_addrs, keys[i])
-        if s >= 0 and slot_addrs[s] >= marks[M_READ_ONLY]:
-            f, w = _frame_word(geo, slot_addrs[s])
-            for k in range(geo[G_STATE_DIM]):
+        a = addrs[i]
+        if s >= 0 and a < read_only:
+            a = slot_addrs[s]
+        if s >= 0 and a >= read_only:
+            f, w = _frame_word(geo, a)
+            for k in range(state_dim):
                 f32[f, w * 2 + state_base + k] = 0.0
         else:
             new = allocate(words, dirty, geo, marks)
@@ -249,8 +270,8 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
                 slot_addrs[-s - 1] = new
                 inserted += 1
         dirty[f] = 1
-        v0 = w * 8 // geo[G_ITEMSIZE] + value_base
-        for j in range(dim):
+        v0 = w * values_per_word + value_base
+        for j in range(values.shape[1]):
             vals[f, v0 + j] = values[i, j]
     return keys.shape[0], inserted
 

@@ -29,6 +29,20 @@ from .layout import FIRST_ADDRESS_PAGE, RecordLayout
 MUTABLE_FRACTION = 0.9
 
 
+def geometry(layout: RecordLayout, n_frames: int) -> np.ndarray:
+    """The ``geo`` array kernels take (indexed by ``_log_kernels.G_*``)."""
+    geo = np.zeros(K.N_GEOMETRY, dtype=np.int64)
+    geo[K.G_PAGE_BITS] = layout.page_bits
+    geo[K.G_FRAMES] = n_frames
+    geo[K.G_RECORD_WORDS] = layout.record_bytes // 8
+    geo[K.G_DIM] = layout.dim
+    geo[K.G_STATE_DIM] = layout.state_dim
+    geo[K.G_VALUE_BASE] = layout.value_offset // layout.itemsize
+    geo[K.G_STATE_BASE] = layout.state_offset // 4
+    geo[K.G_VALUES_PER_WORD] = 8 // layout.itemsize
+    return geo
+
+
 def kernel_dtype(dtype) -> np.dtype:
     """The dtype kernels move values as: Numba has no float16, so its bits travel as uint16."""
     dtype = np.dtype(dtype)
@@ -63,9 +77,7 @@ class HybridLog:
         self.vals = self.frames.view(kernel_dtype(dtype))
         self.f32 = self.frames.view(np.float32)
         self.dirty = np.zeros(self.n_frames, dtype=np.uint8)
-        self.geo = np.array([layout.page_bits, self.n_frames, layout.record_bytes // 8,
-                             layout.dim, layout.state_dim, layout.value_offset,
-                             layout.state_offset, dtype.itemsize], dtype=np.int64)
+        self.geo = geometry(layout, self.n_frames)
         self.marks = np.zeros(K.N_MARKS, dtype=np.int64)
         self.restore(FIRST_ADDRESS_PAGE << layout.page_bits, FIRST_ADDRESS_PAGE << layout.page_bits)
 
