@@ -77,6 +77,7 @@ def test_disk_get(benchmark, disk_stores, sizes, bench_dir, system, policy, dist
     cached_before = benchlib.page_cache_bytes([path])
     table = _open(system, policy, path, sizes)
     mlkv = system == "mlkv"
+    direct = bool(table.store.engine.device.direct) if mlkv else None
     calls = []  # per call (seconds, rows, read_bytes, hits, misses, store bytes_read)
 
     def run(keys):
@@ -115,7 +116,7 @@ def test_disk_get(benchmark, disk_stores, sizes, bench_dir, system, policy, dist
         info.update(hit_ratio=hits / max(1, hits + misses),
                     cold_hit_ratio=calls[0][3] / max(1, calls[0][1]) if warmup else None,
                     store_bytes_read_per_row=sum(c[5] for c in timed) / rows,
-                    direct_io=bool(table.store.engine.device.direct),
+                    direct_io=direct,
                     addresses=final["addresses"])
     benchlib.record(benchmark, rounds.rows_per_round, **info)
     if path != template:
