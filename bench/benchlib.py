@@ -412,7 +412,8 @@ def machine() -> dict:
         rot = f"/sys/block/{base}/queue/rotational"
         if os.path.exists(rot):
             with open(rot) as f:
-                info["disk"] += " (reports rotational)" if f.read().strip() == "1" else " (non-rotational)"
+                rotational = f.read().strip() == "1"
+            info["disk"] += " (reports rotational)" if rotational else " (non-rotational)"
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
     import numba

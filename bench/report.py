@@ -27,7 +27,8 @@ def render(data: dict, source: str = "") -> str:
     if source:
         lines += [f"Results: `{source}` ({data.get('datetime', '')})", ""]
     lines += ["## Machine", ""]
-    for key, label in (("mlkv_commit", "mlkv code at"), ("nproc", "nproc"), ("cpu", "CPU"), ("mem_gib", "memory (GiB)"),
+    for key, label in (("mlkv_commit", "mlkv code at"), ("nproc", "nproc"), ("cpu", "CPU"),
+                       ("mem_gib", "memory (GiB)"),
                        ("disk", "disk"), ("platform", "platform"), ("python", "python"),
                        ("numpy", "numpy"), ("numba", "numba"), ("rocksdict", "rocksdict"),
                        ("lmdb", "lmdb (py)"), ("lmdb_c", "LMDB (C)")):
