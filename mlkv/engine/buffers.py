@@ -28,7 +28,8 @@ def anonymous(shape, dtype, hugepages: bool = False) -> np.ndarray:
     """A zeroed, page-aligned array whose memory is resident only where touched."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    buf = mmap.mmap(-1, max(nbytes, 1))
+    # private, not mmap's default shared mapping: shared (shmem) memory gets no huge pages
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hugepages and nbytes >= 1 << 21 and hasattr(mmap, "MADV_HUGEPAGE"):
         buf.madvise(mmap.MADV_HUGEPAGE)      # fewer TLB misses on random access
     return np.frombuffer(buf, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape)
