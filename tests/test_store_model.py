@@ -183,13 +183,18 @@ class StoreVsDict(RuleBasedStateMachine):
     # ---- rules -----------------------------------------------------------------------------
     @rule(data=st.data())
     def put(self, data):
-        kind = data.draw(st.sampled_from(["native", "float64", "float32", "int", "list"]),
-                         label="values kind")
+        kind = data.draw(st.sampled_from(["native", "float64", "float32", "int", "list",
+                                          "special"]), label="values kind")
         keys = self.pool_keys(data)
         rng = self.rng(data.draw(st.integers(0, 2**32 - 1), label="values seed"))
         n = keys.shape[0]
         if kind == "int":
             values = rng.integers(-1000, 1000, size=(n, self.dim))
+        elif kind == "special":      # nan, infinities, -0.0, the extremes of the dtype
+            info = np.finfo(self.dtype)
+            specials = np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, info.max, info.min,
+                                 info.tiny, info.smallest_subnormal], dtype=self.dtype)
+            values = rng.choice(specials, size=(n, self.dim))
         else:
             values = rng.standard_normal((n, self.dim)) * 10.0
             if kind in ("native", "float32"):
@@ -319,6 +324,8 @@ class StoreVsDict(RuleBasedStateMachine):
         self.store = None
         self.durable = dict(self.model)
         memory_bytes = None if frames is None else frames * PAGE_BYTES
+        self.io = dict(io_threads=data.draw(st.sampled_from([None, 1, 3]), label="io_threads"),
+                       direct_io=data.draw(st.sampled_from([None, False]), label="direct_io"))
         self.store = mlkv.open(self.path, memory_bytes=memory_bytes, policy=policy, **self.io)
         if memory_bytes is not None:
             self.memory_bytes = memory_bytes
@@ -397,6 +404,41 @@ class StoreVsDictWithReadonlyView(StoreVsDict):
                 ro.put([1], np.zeros((1, self.dim)))
             with pytest.raises(mlkv.ReadOnlyError):
                 ro.delete([1])
+
+
+# ---- many keys: the index grows through several rehashes -------------------------------------
+
+def test_many_keys_against_a_model(tmp_path):
+    """A few hundred thousand random int64 keys (the index grows to 2**18+ slots and rehashes
+    in chunks), with deletes, against a numpy model; then close and reopen."""
+    rng = np.random.default_rng(7)
+    n = 150_000
+    universe = np.unique(rng.integers(I64.min, I64.max, n, dtype=np.int64, endpoint=True))
+    n = universe.shape[0]
+    present = np.zeros(n, dtype=bool)
+    rows = np.zeros((n, 2), dtype=np.float32)
+    path = tmp_path / "s"
+    with mlkv.open(path, dim=2, page_bits=PAGE_BITS, memory_bytes=8 * PAGE_BYTES) as s:
+        for _ in range(25):
+            idx = rng.integers(0, n, 12_000)
+            values = rng.standard_normal((idx.shape[0], 2)).astype(np.float32)
+            s.put(universe[idx], values)
+            # the last repeat of each key wins
+            last = idx.shape[0] - 1 - np.unique(idx[::-1], return_index=True)[1]
+            rows[idx[last]] = values[last]
+            present[idx] = True
+            gone = rng.integers(0, n, 2_000)
+            assert s.delete(universe[gone]) == np.unique(gone[present[gone]]).shape[0]
+            present[gone] = False
+            assert len(s) == present.sum()
+            ask = rng.choice(np.flatnonzero(present), 4_000)
+            np.testing.assert_array_equal(s.get(universe[ask]), rows[ask])
+            assert not s.contains(universe[gone]).any()
+        assert s.engine.index.capacity >= 1 << 18
+    with mlkv.open(path) as s:
+        assert len(s) == present.sum()
+        np.testing.assert_array_equal(np.sort(s.keys()), universe[present])
+        np.testing.assert_array_equal(s.get(universe[present]), rows[present])
 
 
 # ---- the shrunk examples of StoreVsDictWithReadonlyView, as plain tests -----------------------
