@@ -19,11 +19,18 @@ GOLDEN = 0x9E3779B97F4A7C15
 
 # layout.py: header bit fields
 PENDING_BITS = 16
-VERSION_SHIFT = 16
-VERSION_BITS = 32
+RESERVED_SHIFT = 16          # bits 16..47: reserved, written as zero
+RESERVED_BITS = 32
 FLAGS_SHIFT = 48
 FLAG_VALID = 1
 FLAG_TOMBSTONE = 2
+
+# layout.py: the log starts at page 1 (page 0 is a hole), so no record lives at address 0
+FIRST_ADDRESS_PAGE = 1
+# _index_kernels.py: a slot is empty when its address is 0
+EMPTY = 0
+# index.py: home slots scale 32 hash bits, so the capacity is at most 2**32
+MAX_CAPACITY = 1 << 32
 
 
 # ---- hashing --------------------------------------------------------------------------------
@@ -40,15 +47,52 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def home_slot(key: int, mask: int) -> int:
-    return mix64(u64(key)) & mask
+def unmix64(y: int) -> int:
+    """The inverse of :func:`mix64` (each step of the finalizer is a bijection of uint64)."""
+    def unxorshift(v, s):
+        x = v
+        for _ in range(64 // s + 1):
+            x = v ^ (x >> s)
+        return x
+    y = unxorshift(u64(y), 31)
+    y = (y * pow(0x94D049BB133111EB, -1, 1 << 64)) % (1 << 64)
+    y = unxorshift(y, 27)
+    y = (y * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) % (1 << 64)
+    return unxorshift(y, 30)
+
+
+def i64(x: int) -> int:
+    """uint64 (or any Python int) reinterpreted as a two's-complement int64."""
+    x = u64(x)
+    return x - (1 << 64) if x >> 63 else x
+
+
+def home_slot(key: int, capacity: int) -> int:
+    """The top 32 bits of the key's hash scaled to ``capacity`` (a power of two <= 2**32)."""
+    assert 0 < capacity <= MAX_CAPACITY and capacity & (capacity - 1) == 0, capacity
+    return ((mix64(u64(key)) >> 32) * capacity) >> 32
+
+
+def key_with_home(home: int, capacity: int, pick: int) -> int:
+    """An int64 key whose home slot at ``capacity`` is ``home``, built by inverting the hash.
+
+    The hashes homed there are those whose top 32 bits lie in
+    ``[home * 2**32 / capacity, (home + 1) * 2**32 / capacity)``; ``pick`` (any int) chooses
+    one of them, so different picks give different keys."""
+    assert 0 <= home < capacity
+    span = (1 << 32) // capacity                # top-32-bit values per home slot
+    top = home * span + (u64(pick) >> 32) % span
+    key = i64(unmix64((top << 32) | (pick & 0xFFFFFFFF)))
+    assert home_slot(key, capacity) == home
+    return key
 
 
 # ---- the index --------------------------------------------------------------------------
 class RefIndex:
     """Linear-probing table at slot level, in Python lists.
 
-    A slot is empty when its address is -1. Deletion empties the slot and re-inserts every
+    A slot is empty when its address is 0 (and then its key is 0 too); home slots are the
+    top 32 hash bits scaled to the capacity. Deletion empties the slot and re-inserts every
     later entry of the same cluster (Knuth's "delete and re-insert the rest of the run"):
     a different algorithm from the kernel's backward shift, but it lands every entry in the
     same slot, so the two tables can be compared slot for slot.
@@ -57,14 +101,15 @@ class RefIndex:
     def __init__(self, capacity: int):
         assert capacity & (capacity - 1) == 0
         self.keys = [0] * capacity
-        self.addrs = [-1] * capacity
+        self.addrs = [EMPTY] * capacity
+        self.capacity = capacity
         self.mask = capacity - 1
 
     def find(self, key: int) -> int:
         """Slot of ``key`` or ``-(s + 1)`` with ``s`` the empty slot ending its probe run."""
-        s = home_slot(key, self.mask)
+        s = home_slot(key, self.capacity)
         for _ in range(len(self.keys)):
-            if self.addrs[s] < 0:
+            if self.addrs[s] == EMPTY:
                 return -(s + 1)
             if self.keys[s] == key:
                 return s
@@ -76,6 +121,7 @@ class RefIndex:
         return self.addrs[s] if s >= 0 else -1
 
     def put(self, key: int, addr: int) -> bool:
+        assert addr != EMPTY, "address 0 marks an empty slot: no record lives there"
         s = self.find(key)
         new = s < 0
         if new:
@@ -85,13 +131,13 @@ class RefIndex:
         return new
 
     def remove_at(self, s: int) -> None:
-        self.addrs[s] = -1
+        self.addrs[s] = EMPTY
         self.keys[s] = 0
         j = (s + 1) & self.mask
         run = []
-        while self.addrs[j] >= 0:
+        while self.addrs[j] != EMPTY:
             run.append((self.keys[j], self.addrs[j]))
-            self.addrs[j] = -1
+            self.addrs[j] = EMPTY
             self.keys[j] = 0
             j = (j + 1) & self.mask
         for k, a in run:
@@ -105,7 +151,7 @@ class RefIndex:
         return True
 
     def live(self) -> list[tuple[int, int]]:
-        return [(k, a) for k, a in zip(self.keys, self.addrs) if a >= 0]
+        return [(k, a) for k, a in zip(self.keys, self.addrs) if a != EMPTY]
 
     def as_dict(self) -> dict:
         return dict(self.live())
@@ -121,16 +167,17 @@ def check_index_invariants(slot_keys, slot_addrs) -> None:
     addrs = [int(a) for a in slot_addrs]
     n = len(keys)
     mask = n - 1
-    live = [k for k, a in zip(keys, addrs) if a >= 0]
+    live = [k for k, a in zip(keys, addrs) if a != EMPTY]
     assert len(live) == len(set(live)), "a key is in the table twice"
+    assert len(live) < n, "no empty slot left: probes would never end"
     for s in range(n):
-        if addrs[s] < 0:
+        if addrs[s] == EMPTY:
             assert keys[s] == 0, f"empty slot {s} holds key {keys[s]}"
             continue
-        h = home_slot(keys[s], mask)
+        h = home_slot(keys[s], n)
         t = h
         while t != s:
-            assert addrs[t] >= 0, f"key {keys[s]} at slot {s} unreachable from home {h}"
+            assert addrs[t] != EMPTY, f"key {keys[s]} at slot {s} unreachable from home {h}"
             t = (t + 1) & mask
 
 
@@ -184,8 +231,14 @@ class Geometry:
         self.record_bytes = round_up(self.state_offset + 4 * state_dim, 8)
         self.records_per_page = self.page_bytes // self.record_bytes
 
-    def nth_address(self, n: int, first_page: int = 0) -> int:
-        """Address of the n-th record appended from the start of ``first_page``."""
+    @property
+    def first_address(self) -> int:
+        """Where a fresh log's first record goes: the start of page ``FIRST_ADDRESS_PAGE``."""
+        return FIRST_ADDRESS_PAGE << self.page_bits
+
+    def nth_address(self, n: int, first_page: int = FIRST_ADDRESS_PAGE) -> int:
+        """Address of the n-th record appended from the start of ``first_page`` (by default
+        the n-th record of a fresh log)."""
         page, k = divmod(n, self.records_per_page)
         return ((first_page + page) << self.page_bits) + k * self.record_bytes
 
@@ -203,7 +256,7 @@ def decode_record(buf: bytes, geo: Geometry) -> dict:
     return {
         "header": header,
         "pending": header & ((1 << PENDING_BITS) - 1),
-        "version": (header >> VERSION_SHIFT) & ((1 << VERSION_BITS) - 1),
+        "reserved_mid": (header >> RESERVED_SHIFT) & ((1 << RESERVED_BITS) - 1),
         "flags": (header >> FLAGS_SHIFT) & 0xFF,
         "reserved": header >> 56,
         "key": key,

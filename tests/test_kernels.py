@@ -9,6 +9,7 @@ engine's own read path.
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import sys
 
@@ -21,8 +22,10 @@ import mlkv
 from mlkv.engine import _device_kernels as DK
 from mlkv.engine import _index_kernels as IK
 from mlkv.engine import _log_kernels as LK
+from mlkv.engine import buffers, ops
 from mlkv.engine import device as device_mod
-from mlkv.engine import ops
+from mlkv.engine import index as index_mod
+from mlkv.engine import layout as layout_mod
 from mlkv.engine.device import FileDevice, aligned_empty
 from mlkv.engine.index import MAX_LOAD, HashIndex
 from mlkv.engine.layout import RecordLayout
@@ -41,8 +44,8 @@ HSET = settings(max_examples=60, deadline=None,
 
 # Geometries: (dim, dtype, state_dim). Record sizes 40, 432, 424 and 4096 (= one page) bytes
 # at page_bits 12, with 16, 208, 280 and 0 bytes of padding at the end of a page. (float16,
-# the one dtype with a gap between values and state, cannot reach the kernels at all: see
-# test_float16_store_roundtrip.)
+# the one dtype with a gap between values and state, travels through the kernels as uint16
+# bits: see test_float16_store_roundtrip.)
 GEOMETRIES = [(5, "float32", 0), (101, "float32", 3), (50, "float64", 1), (1020, "float32", 0)]
 
 
@@ -59,11 +62,51 @@ def test_mix64_matches_reference(x):
     assert int(IK.mix64(np.uint64(x))) == R.mix64(x)
 
 
-@given(int64s, st.integers(0, 20))
+@given(int64s, st.integers(0, 32))
 @settings(max_examples=300, deadline=None)
 def test_home_slot_matches_reference(key, bits):
-    mask = (1 << bits) - 1
-    assert IK.home_slot(np.int64(key), np.int64(mask)) == R.home_slot(key, mask)
+    capacity = 1 << bits  # up to 2**32, the largest capacity home slots can scale to
+    h = IK.home_slot(np.int64(key), np.int64(capacity))
+    assert h == R.home_slot(key, capacity)
+    assert 0 <= h < capacity
+
+
+def test_unmix64_inverts_the_kernel_hash():
+    """The reference builds keys with a chosen home slot by inverting mix64: check the
+    inverse against the kernel, so those keys really land where the tests think."""
+    rng = np.random.default_rng(13)
+    for x in [0, 1, R.MASK64, R.GOLDEN] + rng.integers(0, 1 << 63, 300, dtype=np.uint64) \
+            .tolist():
+        assert int(IK.mix64(np.uint64(R.unmix64(x)))) == x
+    for cap in [1, 16, 1 << 17, 1 << 32]:
+        for h in [0, cap // 2, cap - 1]:
+            k = R.key_with_home(h, cap, int(rng.integers(0, 1 << 62)))
+            assert IK.home_slot(np.int64(k), np.int64(cap)) == h
+
+
+@given(st.lists(int64s, min_size=1, max_size=40), st.integers(0, 31))
+@settings(max_examples=150, deadline=None)
+def test_home_slot_monotone_in_the_hash_and_doubling(keys, bits):
+    """Home slots are monotone in the hash, and doubling the capacity sends home h to 2h or
+    2h + 1: what lets a rehash that walks the old slots in order fill the new ones front to
+    back (index.py). Checked on the reference and on the kernel alike."""
+    cap = 1 << bits
+    by_hash = sorted(set(keys), key=R.mix64)
+    for home in (R.home_slot, lambda k, c: int(IK.home_slot(np.int64(k), np.int64(c)))):
+        homes = [home(k, cap) for k in by_hash]
+        assert homes == sorted(homes)
+        for k, h in zip(by_hash, homes):
+            assert home(k, 2 * cap) in (2 * h, 2 * h + 1)
+    # the hashes at each end of a home slot's range (built by inverting the hash)
+    for h in {0, cap // 3, cap - 1}:
+        lo = R.key_with_home(h, cap, 0)                      # smallest hash homed at h
+        hi = R.i64(R.unmix64(((h + 1) * (1 << 32) // cap - 1) << 32 | 0xFFFFFFFF))
+        assert R.home_slot(hi, cap) == h
+        assert IK.home_slot(np.int64(lo), np.int64(cap)) == h
+        assert IK.home_slot(np.int64(hi), np.int64(cap)) == h
+        assert R.home_slot(lo, 2 * cap) == 2 * h and R.home_slot(hi, 2 * cap) == 2 * h + 1
+        assert IK.home_slot(np.int64(lo), np.int64(2 * cap)) == 2 * h
+        assert IK.home_slot(np.int64(hi), np.int64(2 * cap)) == 2 * h + 1
 
 
 def test_mix64_is_a_bijection_on_a_sample():
@@ -73,17 +116,16 @@ def test_mix64_is_a_bijection_on_a_sample():
 
 
 # ===================================================================== index: slot level
-def keys_with_home(homes, mask, count, rng) -> list[int]:
-    """``count`` distinct int64 keys whose home slot is in ``homes`` (found by search)."""
-    found = []
-    seen = set()
-    for k in EXTREME_KEYS:
-        if R.home_slot(k, mask) in homes and k not in seen:
-            found.append(k)
-            seen.add(k)
+def keys_with_home(homes, capacity, count, rng) -> list[int]:
+    """``count`` distinct int64 keys whose home slot is in ``homes``: the extreme keys that
+    happen to be homed there, then keys built by inverting the hash (reference)."""
+    found = [k for k in EXTREME_KEYS if R.home_slot(k, capacity) in homes]
+    seen = set(found)
+    homes = sorted(homes)
     while len(found) < count:
-        k = int(rng.integers(I64_MIN, I64_MAX, dtype=np.int64))
-        if R.home_slot(k, mask) in homes and k not in seen:
+        h = homes[int(rng.integers(0, len(homes)))]
+        k = R.key_with_home(h, capacity, int(rng.integers(I64_MIN, I64_MAX, dtype=np.int64)))
+        if k not in seen:
             found.append(k)
             seen.add(k)
     return found[:count]
@@ -94,14 +136,16 @@ def colliding_pool(capacity, seed=0) -> list[int]:
     one long run in the middle, plus the extreme int64 values."""
     mask = capacity - 1
     rng = np.random.default_rng(seed)
-    pool = keys_with_home({mask}, mask, 6, rng) + keys_with_home({mask - 1, 0}, mask, 4, rng)
-    pool += keys_with_home({capacity // 2}, mask, 6, rng)
+    pool = keys_with_home({mask}, capacity, 6, rng)
+    pool += keys_with_home({mask - 1, 0}, capacity, 4, rng)
+    pool += keys_with_home({capacity // 2}, capacity, 6, rng)
     pool += [k for k in EXTREME_KEYS if k not in pool]
-    return pool
+    return list(dict.fromkeys(pool))
 
 
 def kernel_table(capacity):
-    return np.zeros(capacity, np.int64), np.full(capacity, -1, np.int64)
+    """An empty table as the kernels see it: every slot (key 0, address 0)."""
+    return np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
 
 
 def assert_same_table(slot_keys, slot_addrs, ref: R.RefIndex):
@@ -120,8 +164,10 @@ def test_find_assign_remove_against_reference(capacity, data):
     slot, every live key is found, no deleted key is."""
     pool = colliding_pool(capacity)
     keys = st.sampled_from(pool) | int64s
-    ops_ = data.draw(st.lists(st.tuples(st.sampled_from(["put", "del", "del"]), keys,
-                                        st.integers(0, 1 << 40)), max_size=60))
+    # any address but 0, which marks an empty slot (no record lives there)
+    addrs = st.integers(1, 1 << 40) | st.sampled_from([1, I64_MAX])
+    ops_ = data.draw(st.lists(st.tuples(st.sampled_from(["put", "del", "del"]), keys, addrs),
+                              max_size=60))
     sk, sa = kernel_table(capacity)
     ref = R.RefIndex(capacity)
     model = {}
@@ -155,17 +201,17 @@ def test_remove_inside_long_wrapping_run():
     capacity = 16
     mask = capacity - 1
     rng = np.random.default_rng(7)
-    run = keys_with_home({mask}, mask, 7, rng) + keys_with_home({mask - 1}, mask, 5, rng)
-    others = keys_with_home({1, 2}, mask, 2, rng)
+    run = keys_with_home({mask}, capacity, 7, rng) + keys_with_home({mask - 1}, capacity, 5, rng)
+    others = keys_with_home({1, 2}, capacity, 2, rng)
     order = list(rng.permutation(run + others))
     for victim in run + others:
         sk, sa = kernel_table(capacity)
         ref = R.RefIndex(capacity)
-        for i, k in enumerate(order):
-            IK.assign(sk, sa, np.array([k], np.int64), np.array([i], np.int64))
-            ref.put(int(k), i)
+        for i, k in enumerate(order):  # address i + 1: 0 would mark the slot empty
+            IK.assign(sk, sa, np.array([k], np.int64), np.array([i + 1], np.int64))
+            ref.put(int(k), i + 1)
         assert_same_table(sk, sa, ref)
-        assert sa[0] >= 0 and sa[mask] >= 0  # the run really wraps
+        assert sa[0] != 0 and sa[mask] != 0  # the run really wraps
         s = IK.find_slot(sk, sa, np.int64(victim))
         IK.remove_slot(sk, sa, s)
         ref.remove(int(victim))
@@ -173,7 +219,7 @@ def test_remove_inside_long_wrapping_run():
         out = np.empty(len(order), np.int64)
         IK.lookup(sk, sa, np.array(order, np.int64), out)
         for k, a, i in zip(order, out, range(len(order))):
-            assert a == (-1 if k == victim else i), (victim, k)
+            assert a == (-1 if k == victim else i + 1), (victim, k)
 
 
 def test_assign_batch_with_duplicates_and_lookup_counts():
@@ -182,7 +228,7 @@ def test_assign_batch_with_duplicates_and_lookup_counts():
     ref = R.RefIndex(1024)
     keys = rng.choice(np.array(colliding_pool(1024) + list(
         rng.integers(I64_MIN, I64_MAX, 500, dtype=np.int64))), 700).astype(np.int64)
-    addrs = rng.integers(0, 1 << 50, keys.shape[0], dtype=np.int64)
+    addrs = rng.integers(1, 1 << 50, keys.shape[0], dtype=np.int64)
     new = IK.assign(sk, sa, keys, addrs)
     expect_new = sum(ref.put(int(k), int(a)) for k, a in zip(keys, addrs))
     assert new == expect_new == len(set(keys.tolist()))
@@ -195,6 +241,32 @@ def test_assign_batch_with_duplicates_and_lookup_counts():
     assert missing == int((expect < 0).sum())
 
 
+@pytest.mark.parametrize("start", [0, 5, 40])
+def test_find_slots_against_reference(start):
+    """The batched ``find_slot`` of the log kernels (it prefetches ahead): for
+    ``keys[start:]`` the slots ``find_slot`` gives and, in ``addrs``, each key's address or
+    -1; positions before ``start`` are left alone."""
+    cap = 64
+    rng = np.random.default_rng(start)
+    sk, sa = kernel_table(cap)
+    ref = R.RefIndex(cap)
+    pool = colliding_pool(cap, seed=3)
+    present = pool[::2] + rng.integers(I64_MIN, I64_MAX, 10, dtype=np.int64).tolist()
+    for i, k in enumerate(present):
+        IK.assign(sk, sa, np.array([k], np.int64), np.array([(i + 1) * 8], np.int64))
+        ref.put(k, (i + 1) * 8)
+    keys = np.array(pool + present + rng.integers(I64_MIN, I64_MAX, 10, dtype=np.int64)
+                    .tolist(), np.int64)
+    keys = keys[rng.permutation(keys.shape[0])]
+    assert keys.shape[0] > start + LK.PREFETCH_DISTANCE
+    addrs = np.full(keys.shape[0], 12345, np.int64)
+    slots = LK.find_slots(sk, sa, keys, start, addrs)
+    assert slots.tolist() == [ref.find(k) for k in keys[start:].tolist()]
+    assert addrs[start:].tolist() == [ref.get(k) for k in keys[start:].tolist()]
+    assert (addrs[:start] == 12345).all()
+    assert_same_table(sk, sa, ref)  # a lookup changes nothing
+
+
 def test_empty_inputs():
     sk, sa = kernel_table(16)
     e = np.empty(0, np.int64)
@@ -203,7 +275,37 @@ def test_empty_inputs():
     assert IK.live_entries(sk, sa, e.copy(), e.copy()) == 0
     nk, na = kernel_table(32)
     IK.rehash(sk, sa, nk, na)
-    assert (na == -1).all() and (nk == 0).all()
+    assert (na == 0).all() and (nk == 0).all()
+    IK.rehash(sk[:0], sa[:0], nk, na)  # an empty slice of old slots
+    assert (na == 0).all() and (nk == 0).all()
+
+
+def test_key_zero_and_empty_slots():
+    """Key 0 is an ordinary key: an empty slot holds key 0 *and* address 0, and only the
+    address tells them apart. A slot emptied by a delete reads (0, 0) again."""
+    cap = 16
+    sk, sa = kernel_table(cap)
+    ref = R.RefIndex(cap)
+    h = R.home_slot(0, cap)
+    assert IK.find_slot(sk, sa, np.int64(0)) == -(h + 1) == ref.find(0)
+    out = np.empty(1, np.int64)
+    assert IK.lookup(sk, sa, np.zeros(1, np.int64), out) == 1 and out[0] == -1
+    assert IK.assign(sk, sa, np.zeros(1, np.int64), np.array([4096], np.int64)) == 1
+    ref.put(0, 4096)
+    assert IK.find_slot(sk, sa, np.int64(0)) == h and (sk[h], sa[h]) == (0, 4096)
+    others = keys_with_home({h}, cap, 3, np.random.default_rng(0))
+    others = [k for k in others if k != 0][:2]
+    IK.assign(sk, sa, np.array(others, np.int64), np.array([8, 16], np.int64))
+    ref.put(others[0], 8)
+    ref.put(others[1], 16)
+    assert_same_table(sk, sa, ref)
+    IK.remove_slot(sk, sa, h)  # key 0 leaves; the run shifts back over its slot
+    ref.remove_at(h)
+    assert_same_table(sk, sa, ref)
+    assert IK.find_slot(sk, sa, np.int64(0)) < 0
+    for k in others:
+        IK.remove_slot(sk, sa, IK.find_slot(sk, sa, np.int64(k)))
+    assert (sk == 0).all() and (sa == 0).all()
 
 
 @pytest.mark.parametrize("old_cap,new_cap", [(16, 16), (16, 32), (64, 256), (32, 16)])
@@ -217,8 +319,8 @@ def test_rehash_and_live_entries(old_cap, new_cap):
         keys = list(dict.fromkeys(rng.permutation(np.array(
             pool + list(rng.integers(I64_MIN, I64_MAX, 40, dtype=np.int64)))).tolist()))[:n]
         for i, k in enumerate(keys):
-            IK.assign(sk, sa, np.array([k], np.int64), np.array([i * 8], np.int64))
-            ref.put(k, i * 8)
+            IK.assign(sk, sa, np.array([k], np.int64), np.array([(i + 1) * 8], np.int64))
+            ref.put(k, (i + 1) * 8)
         # some deletes so the old table has holes
         for k in keys[::3]:
             IK.remove_slot(sk, sa, IK.find_slot(sk, sa, np.int64(k)))
@@ -248,7 +350,7 @@ def test_hash_index_growth_keeps_every_key():
         keys = np.concatenate([rng.integers(I64_MIN, I64_MAX, n, dtype=np.int64),
                                np.array(EXTREME_KEYS, np.int64),
                                rng.choice(np.array(list(model) or [0], np.int64), 50)])
-        addrs = rng.integers(0, 1 << 40, keys.shape[0], dtype=np.int64)
+        addrs = rng.integers(1, 1 << 40, keys.shape[0], dtype=np.int64)  # never 0 (empty)
         idx.assign(keys, addrs)
         for k, a in zip(keys.tolist(), addrs.tolist()):
             model[k] = a
@@ -267,33 +369,174 @@ def test_hash_index_growth_keeps_every_key():
     assert again.count == idx.count
 
 
-def test_hash_index_millions_of_keys():
+@pytest.mark.parametrize("capacity", [1, 1000, 1 << 10, 1 << 20])
+def test_fresh_index_is_zero_memory_maps(capacity):
+    """A fresh index is all empty slots, (key 0, address 0): zero pages of an anonymous map,
+    page-aligned, that no key is found in."""
+    idx = HashIndex(capacity)
+    assert idx.capacity == max(index_mod.MIN_CAPACITY, capacity)
+    for a in (idx.slot_keys, idx.slot_addrs):
+        assert a.dtype == np.int64 and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % buffers.PAGE_BYTES == 0
+        assert not a.any()
+    assert (idx.lookup(np.array(EXTREME_KEYS, np.int64)) == -1).all()
+    assert idx.count == 0 and idx.entries()[0].shape == (0,)
+    assert list(idx.iter_pairs(256)) == []
+
+
+def test_index_capacity_is_bounded_by_the_home_slot_scaling():
+    """Home slots scale 32 hash bits, so no index has more than 2**32 slots."""
+    assert index_mod.MAX_CAPACITY == R.MAX_CAPACITY
+    with pytest.raises(MemoryError):
+        HashIndex(R.MAX_CAPACITY + 1)
+
+
+@pytest.mark.parametrize("old_cap,chunk", [
+    (1024, 1), (1024, 100), (1024, 512), (2048, 1 << 16), (1 << 17, None)])
+def test_reserve_rehashes_in_chunks_like_a_reference_insert(monkeypatch, old_cap, chunk):
+    """Growing rehashes a chunk of old slots at a time (``REHASH_CHUNK``; None: the real
+    one). The new table equals a reference table into which every live key was inserted in
+    old-slot order, whatever the chunk; the old arrays are handed back to the OS (zero)."""
+    if chunk is not None:
+        monkeypatch.setattr(index_mod, "REHASH_CHUNK", chunk)
+    chunk = index_mod.REHASH_CHUNK
+    rng = np.random.default_rng(old_cap + chunk)
+    pool = colliding_pool(old_cap, seed=old_cap)  # runs wrap round the end of the table
+    n = int(MAX_LOAD * old_cap)
+    keys = list(dict.fromkeys(pool + rng.integers(I64_MIN, I64_MAX, n, dtype=np.int64)
+                              .tolist()))[:n]
+    keys = np.array(keys, np.int64)
+    addrs = rng.integers(1, 1 << 50, n, dtype=np.int64)
+    idx = HashIndex(old_cap)
+    idx.assign(keys, addrs)
+    assert idx.capacity == old_cap and idx.count == n
+    for k in keys[len(pool)::3].tolist():  # holes left by deletes (pool keys stay)
+        IK.remove_slot(idx.slot_keys, idx.slot_addrs, IK.find_slot(idx.slot_keys,
+                                                                   idx.slot_addrs, k))
+        idx.count -= 1
+    old_keys, old_addrs = idx.slot_keys, idx.slot_addrs
+    before_k, before_a = old_keys.copy(), old_addrs.copy()
+    assert before_a[0] != 0 and before_a[old_cap - 1] != 0  # a run wraps round the end
+    assert (before_a == 0).any()
+    idx.reserve(int(MAX_LOAD * old_cap) - idx.count + 1)  # one more than fits: double
+    assert idx.capacity == 2 * old_cap
+    expect = R.RefIndex(2 * old_cap)
+    for k, a in zip(before_k.tolist(), before_a.tolist()):  # old-slot order
+        if a != 0:
+            expect.put(k, a)
+    assert_same_table(idx.slot_keys, idx.slot_addrs, expect)
+    live = before_a != 0
+    np.testing.assert_array_equal(idx.lookup(before_k[live]), before_a[live])
+    if chunk * 8 % buffers.PAGE_BYTES == 0:  # every chunk is whole pages: all handed back
+        assert not old_keys.any() and not old_addrs.any()
+
+
+def test_hash_index_grows_to_millions_of_keys_with_deletes():
+    """From empty through several doublings (each rehashed in many chunks) to 2.5M keys,
+    with deletes between growths: every live key is found at its address, no deleted key
+    and no key never inserted is."""
     n = 2_500_000
+    batch = 100_000
     # distinct keys spread over all of int64: i * odd constant is a bijection mod 2**64
     odd = np.int64(-7046029254386353131)  # 0x9E3779B97F4A7C15 as int64
     with np.errstate(over="ignore"):
         keys = np.arange(n, dtype=np.int64) * odd
         absent = np.arange(n, n + 200_000, dtype=np.int64) * odd
     assert keys.min() < -(1 << 62) and keys.max() > 1 << 62
-    addrs = np.arange(n, dtype=np.int64) * 8
+    addrs = (np.arange(n, dtype=np.int64) + 1) * 8  # no record at address 0
+    rng = np.random.default_rng(12)
+    deleted = np.zeros(n, bool)
     idx = HashIndex()
-    for lo in range(0, n, 400_000):
-        idx.assign(keys[lo:lo + 400_000], addrs[lo:lo + 400_000])
-    assert idx.count == n
-    assert idx.capacity == 1 << 22  # smallest power of two with load <= 0.75
-    np.testing.assert_array_equal(idx.lookup(keys), addrs)
+    caps = [idx.capacity]
+    for lo in range(0, n, batch):
+        idx.assign(keys[lo:lo + batch], addrs[lo:lo + batch])
+        if idx.capacity != caps[-1]:
+            caps.append(idx.capacity)
+        if lo // batch % 5 == 4:  # delete 20k of the keys in so far, through the kernels
+            victims = rng.choice(np.flatnonzero(~deleted[:lo + batch]), 20_000, replace=False)
+            sk, sa = idx.slot_keys, idx.slot_addrs
+            for k in keys[victims].tolist():
+                s = IK.find_slot(sk, sa, k)
+                assert s >= 0
+                IK.remove_slot(sk, sa, s)
+            idx.count -= victims.shape[0]
+            deleted[victims] = True
+        assert idx.count == lo + batch - int(deleted.sum())
+        assert idx.count <= MAX_LOAD * idx.capacity
+    assert len(caps) >= 6 and caps[-1] == 1 << 22  # five doublings or more
+    assert all(b == 2 * a for a, b in itertools.pairwise(caps[1:]))  # doublings after the first
+    live = ~deleted
+    assert idx.count == int(live.sum()) == int((idx.slot_addrs != 0).sum())
+    np.testing.assert_array_equal(idx.lookup(keys[live]), addrs[live])
+    assert (idx.lookup(keys[deleted]) == -1).all()
     assert (idx.lookup(absent) == -1).all()
     ek, ea = idx.entries()
-    np.testing.assert_array_equal(ek[np.argsort(ea)], keys)
+    order = np.argsort(ea)
+    np.testing.assert_array_equal(ek[order], keys[live])
+    np.testing.assert_array_equal(ea[order], addrs[live])
     # the slot-level invariant on a sample of slots: each live key reachable from home
-    mask = idx.capacity - 1
-    for s in np.random.default_rng(12).integers(0, idx.capacity, 2000).tolist():
-        if idx.slot_addrs[s] < 0:
+    cap = idx.capacity
+    empty = idx.slot_addrs == 0
+    assert (idx.slot_keys[empty] == 0).all()
+    for s in np.random.default_rng(12).integers(0, cap, 2000).tolist():
+        if empty[s]:
             continue
-        t = R.home_slot(int(idx.slot_keys[s]), mask)
+        t = R.home_slot(int(idx.slot_keys[s]), cap)
         while t != s:
-            assert idx.slot_addrs[t] >= 0
-            t = (t + 1) & mask
+            assert not empty[t]
+            t = (t + 1) & (cap - 1)
+
+
+# ============================================================================== buffers
+@pytest.mark.parametrize("shape,dtype,hugepages", [
+    ((0,), np.int64, False), ((1,), np.uint8, False), ((1000,), np.int64, False),
+    ((3, 5000), np.float32, False), ((1 << 20,), np.int64, False),
+    ((1 << 22,), np.uint8, True)])
+def test_anonymous_arrays_are_zero(shape, dtype, hugepages):
+    a = buffers.anonymous(shape, dtype, hugepages=hugepages)
+    assert a.shape == shape and a.dtype == dtype
+    assert a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % buffers.PAGE_BYTES == 0
+    assert not a.any()
+    b = buffers.aligned_empty(12345)
+    assert b.dtype == np.uint8 and b.shape == (12345,) and not b.any()
+    assert b.ctypes.data % buffers.PAGE_BYTES == 0
+
+
+def whole_pages_inside(lo, hi, page):
+    """Byte range [first, last) of the whole pages inside [lo, hi) (offsets from a page
+    boundary); empty when first >= last."""
+    return -(-lo // page) * page, hi // page * page
+
+
+@pytest.mark.parametrize("hugepages", [False, True])
+def test_release_zeroes_whole_pages_inside_a_slice(hugepages):
+    """``buffers.release`` hands back the whole pages inside a slice (they read as zeros)
+    and leaves the partial pages at its edges, and everything outside it, intact."""
+    P = buffers.PAGE_BYTES
+    n = (4 << 20) if hugepages else 8 * P
+    a = buffers.anonymous((n,), np.uint8, hugepages=hugepages)
+    fill = np.random.default_rng(1).integers(1, 256, n, dtype=np.uint8)  # no zero byte
+    cases = [(100, 3 * P + 50), (P, 3 * P), (P + 1, 2 * P - 1), (5 * P - 10, 5 * P + 10),
+             (0, n), (2 * P, 2 * P), (3 * P - 1, 6 * P), (7, n - 7), (0, P - 1)]
+    for lo, hi in cases:
+        a[:] = fill
+        buffers.release(a[lo:hi])
+        expect = fill.copy()
+        first, last = whole_pages_inside(lo, hi, P)
+        if last > first:
+            expect[first:last] = 0
+        assert (a == expect).all(), (lo, hi)
+    # through an int64 view, as the index releases its slots
+    w = a.view(np.int64)
+    a[:] = fill
+    buffers.release(w[3:(2 * P) // 8 + 5])
+    expect = fill.copy()
+    first, last = whole_pages_inside(24, 2 * P + 40, P)
+    expect[first:last] = 0
+    assert (a == expect).all()
+    a[:] = 7  # released pages are usable again
+    assert (a == 7).all()
 
 
 # =========================================================================== layout / geo
@@ -307,17 +550,38 @@ def test_layout_matches_docstring(dim, dtype, state_dim):
 
 
 def geo_array(g: R.Geometry, n_frames: int) -> np.ndarray:
-    """The kernels' ``geo`` vector, built from the reference geometry and the G_* names."""
-    geo = np.zeros(8, np.int64)
+    """The kernels' ``geo`` vector, built from the reference geometry and the G_* names
+    (value and state positions in elements of the views that hold them)."""
+    geo = np.zeros(LK.N_GEOMETRY, np.int64)
     geo[LK.G_PAGE_BITS] = g.page_bits
     geo[LK.G_FRAMES] = n_frames
     geo[LK.G_RECORD_WORDS] = g.record_bytes // 8
     geo[LK.G_DIM] = g.dim
     geo[LK.G_STATE_DIM] = g.state_dim
-    geo[LK.G_VALUE_OFFSET] = g.value_offset
-    geo[LK.G_STATE_OFFSET] = g.state_offset
-    geo[LK.G_ITEMSIZE] = g.dtype.itemsize
+    geo[LK.G_VALUE_BASE] = g.value_offset // g.dtype.itemsize
+    geo[LK.G_STATE_BASE] = g.state_offset // 4
+    geo[LK.G_VALUES_PER_WORD] = 8 // g.dtype.itemsize
     return geo
+
+
+@pytest.mark.parametrize("dim,dtype,state_dim", GEOMETRIES + [(7, "float16", 1)])
+def test_fresh_log_starts_at_the_first_address(tmp_path, dim, dtype, state_dim):
+    """A fresh HybridLog starts at page 1: begin = head = read_only = tail = page_bytes, no
+    page open yet (page 0, the hole, counts as the last one opened), and its geometry is the
+    reference's."""
+    eng = build_engine(tmp_path, dim, dtype, state_dim, n_frames=6)
+    g = ref_geo(eng)
+    log = eng.log
+    first = g.first_address
+    assert layout_mod.FIRST_ADDRESS_PAGE == R.FIRST_ADDRESS_PAGE == 1
+    assert first == R.FIRST_ADDRESS_PAGE << 12 == 4096
+    assert (log.begin, log.head, log.read_only, log.tail) == (first, first, first, first)
+    assert log.marks[LK.M_OPEN_PAGE] == 0
+    assert log.marks[LK.M_LIMIT_PAGE] == R.FIRST_ADDRESS_PAGE + 6 - 1  # pages 1..6: 6 frames
+    assert log.resident_bytes == 0
+    np.testing.assert_array_equal(log.geo, geo_array(g, 6))
+    log.flush()  # nothing to write: no page is open
+    assert not log.dirty.any() and os.listdir(eng.device.directory) == []
 
 
 # ================================================================================ allocate
@@ -329,9 +593,12 @@ def test_allocate_packs_pages_and_stops_at_limit(dim, dtype, state_dim, n_frames
     words = frames.view(np.int64)
     dirty = np.zeros(n_frames, np.uint8)
     geo = geo_array(g, n_frames)
+    # a fresh log's markers: everything at the first address, page 0 (the hole) "open"
+    first_page = R.FIRST_ADDRESS_PAGE
     marks = np.zeros(LK.N_MARKS, np.int64)
-    marks[LK.M_OPEN_PAGE] = -1
-    limit = n_frames - 1
+    marks[[LK.M_BEGIN, LK.M_HEAD, LK.M_READ_ONLY, LK.M_TAIL]] = g.first_address
+    marks[LK.M_OPEN_PAGE] = first_page - 1
+    limit = first_page + n_frames - 1
     marks[LK.M_LIMIT_PAGE] = limit
     got = []
     while True:
@@ -345,8 +612,9 @@ def test_allocate_packs_pages_and_stops_at_limit(dim, dtype, state_dim, n_frames
         assert marks[LK.M_TAIL] == a + g.record_bytes
         assert marks[LK.M_OPEN_PAGE] == a >> g.page_bits
         assert len(got) < 10 ** 5
-    expect = [g.nth_address(n) for n in range(g.records_per_page * (limit + 1))]
+    expect = [g.nth_address(n) for n in range(g.records_per_page * n_frames)]
     assert got == expect
+    assert got[0] == g.first_address and 0 not in got
     for a in got:  # never straddles a page
         assert a >> g.page_bits == (a + g.record_bytes - 1) >> g.page_bits
     assert (frames == 0).all()  # every opened frame zeroed, nothing written into it
@@ -359,9 +627,9 @@ def test_allocate_resumes_mid_page_without_zeroing_it():
     frames = np.full((n_frames, g.page_bytes), 0x77, np.uint8)
     words, dirty, geo = frames.view(np.int64), np.zeros(n_frames, np.uint8), geo_array(g, 4)
     marks = np.zeros(LK.N_MARKS, np.int64)
-    # pages 0..5 exist, head at page 3 (frames 3,0,1,2 hold pages 3,4,5,6), tail mid page 5
+    # pages 1..5 exist, head at page 3 (frames 3,0,1,2 hold pages 3,4,5,6), tail mid page 5
     tail = (5 << g.page_bits) + 7 * g.record_bytes
-    marks[:] = [0, 3 << 12, 4 << 12, tail, 5, 3 + n_frames - 1]
+    marks[:] = [g.first_address, 3 << 12, 4 << 12, tail, 5, 3 + n_frames - 1]
     a = LK.allocate(words, dirty, geo, marks)
     assert a == tail
     assert (frames[5 % n_frames] == 0x77).all()  # the open page is not wiped
@@ -386,7 +654,7 @@ def test_allocate_opens_page_after_restore_at_page_boundary():
     g = R.Geometry(50, "float64", 1, 12, 14)
     frames = np.full((4, g.page_bytes), 0x11, np.uint8)
     words, dirty, geo = frames.view(np.int64), np.zeros(4, np.uint8), geo_array(g, 4)
-    marks = np.array([0, 9 << 12, 9 << 12, 9 << 12, 8, 9 + 3], np.int64)
+    marks = np.array([g.first_address, 9 << 12, 9 << 12, 9 << 12, 8, 9 + 3], np.int64)
     a = LK.allocate(words, dirty, geo, marks)
     assert a == 9 << 12
     assert (frames[9 % 4] == 0).all() and dirty.tolist() == [0, 1, 0, 0]
@@ -468,7 +736,7 @@ def distinct_keys(rng, n):
 def assert_record(rec, key, values=None, flags=R.FLAG_VALID, state_zero=True):
     assert rec["flags"] == flags, rec
     assert rec["key"] == key
-    assert rec["reserved"] == 0
+    assert rec["reserved"] == 0 and rec["reserved_mid"] == 0
     if values is not None:
         np.testing.assert_array_equal(rec["values"], values)
     if state_zero:
@@ -551,7 +819,7 @@ def test_write_rows_stops_without_half_written_key_and_resumes(tmp_path, dim, dt
     eng.index.count += inserted
     # 4 frames hold 4 pages = 4 * rpp new records; the first key of a 5th page stops it
     assert pos == 4 * rpp + 3 and inserted == 4 * rpp
-    assert eng.log.marks[LK.M_OPEN_PAGE] == 3
+    assert eng.log.marks[LK.M_OPEN_PAGE] == R.FIRST_ADDRESS_PAGE + 3
     assert eng.log.tail == g.nth_address(4 * rpp - 1) + g.record_bytes
     present = eng.index.lookup(keys) >= 0
     assert present[:pos].all() and not present[pos:].any()
@@ -571,7 +839,8 @@ def test_write_rows_stops_without_half_written_key_and_resumes(tmp_path, dim, dt
 def test_write_rows_empty_batch(tmp_path):
     eng = build_engine(tmp_path)
     assert call_write(eng, np.empty(0, np.int64), np.empty((0, 5), np.float32)) == (0, 0)
-    assert eng.log.tail == 0 and eng.log.marks[LK.M_OPEN_PAGE] == -1
+    assert eng.log.tail == ref_geo(eng).first_address and eng.log.marks[LK.M_OPEN_PAGE] == 0
+    assert not eng.index.slot_addrs.any()
 
 
 # =========================================================================== delete_rows
@@ -613,14 +882,15 @@ def test_delete_rows_tombstones_and_stops(tmp_path):
     eng.log._set_limit()
     pos2, removed2 = call_delete(eng, kept, pos)
     assert (pos2, removed2) == (kept.shape[0], kept.shape[0] - pos)
-    assert (eng.index.slot_addrs == -1).all()
+    assert (eng.index.slot_addrs == 0).all() and (eng.index.slot_keys == 0).all()
     assert call_delete(eng, np.empty(0, np.int64)) == (0, 0)
 
 
 # ==================================================== read_resident / finish_cold set-up
 class Regions:
-    """A log of 5 full pages: pages 0-1 on disk only (their frames scribbled over), page 2 and
-    the first half of page 3 in memory but immutable, the rest mutable."""
+    """A log of 5 full pages, 1-5 (page 0 is the hole): pages 1-2 on disk only (their frames
+    scribbled over), page 3 and the first half of page 4 in memory but immutable, the rest
+    mutable."""
 
     def __init__(self, tmp_path, policy="second_chance", name="log", dim=5, dtype="float32",
                  state_dim=2, seed=21):
@@ -633,20 +903,24 @@ class Regions:
         self.vals = random_values(rng, n, dim, dtype)
         eng.index.reserve(n)
         eng.index.count += call_write(eng, self.keys, self.vals)[1]
-        # a non-zero optimizer state, version and pending count, to see them carried by copies
+        # a non-zero optimizer state and a pending count of its own in every record, to see
+        # them carried by copies (header bits 16..47 are reserved: they stay zero)
         log = eng.log
+        assert n < 1 << R.PENDING_BITS
         for j in range(n):
             a = g.nth_address(j)
             f, off = (a >> 12) % 8, a & 4095
-            log.words[f, off // 8] = ((R.FLAG_VALID << R.FLAGS_SHIFT) | ((j + 1) << R.VERSION_SHIFT)
-                                      | (j % 7 + 1))
+            log.words[f, off // 8] = (R.FLAG_VALID << R.FLAGS_SHIFT) | (j + 1)
             log.frames[f, off + g.state_offset:off + g.state_offset + 4 * state_dim] \
                 .view(np.float32)[:] = j + 0.25
+        assert g.nth_address(n - 1) >> 12 == R.FIRST_ADDRESS_PAGE + 4  # pages 1..5
         log.flush()
-        log.marks[LK.M_HEAD] = 2 << 12
-        log.marks[LK.M_READ_ONLY] = (3 << 12) + (g.records_per_page // 2) * g.record_bytes
+        log.marks[LK.M_HEAD] = (R.FIRST_ADDRESS_PAGE + 2) << 12
+        log.marks[LK.M_READ_ONLY] = ((R.FIRST_ADDRESS_PAGE + 3) << 12) + \
+            (g.records_per_page // 2) * g.record_bytes
         log._set_limit()
-        log.frames[0:2] = 0xEE  # pages 0 and 1 must come from disk, not from these frames
+        for p in (R.FIRST_ADDRESS_PAGE, R.FIRST_ADDRESS_PAGE + 1):  # must come from disk, not
+            log.frames[p % 8] = 0xEE                            # from these frames
         self.addr = {int(k): g.nth_address(j) for j, k in enumerate(self.keys)}
         self.value = {int(k): self.vals[j] for j, k in enumerate(self.keys)}
         self.state = {int(k): float(j) + 0.25 for j, k in enumerate(self.keys)}
@@ -795,7 +1069,8 @@ def test_frequency_counter_counts_one_read_once_across_a_stop(tmp_path):
     eng.log.marks[LK.M_LIMIT_PAGE] = eng.log.marks[LK.M_OPEN_PAGE]
     _, addrs, _, stops = run_read_resident(reg, np.array([k], np.int64), LK.POLICY_FREQUENCY)
     assert stops == [0]
-    assert addrs[0] == 5 << 12  # copied to the tail, on the page opened after the stop
+    # copied to the tail, on the page opened after the stop (the one after pages 1..5)
+    assert addrs[0] == (R.FIRST_ADDRESS_PAGE + 5) << 12
     assert int(eng.policy.counters[c]) == 2
 
 
@@ -1076,11 +1351,12 @@ def check_engine(eng, model):
     """Every key of the model has its newest record where the index points, as the layout
     draws it; the markers are ordered and the pool is bounded."""
     log = eng.log
-    assert log.begin <= log.head <= log.read_only <= log.tail
+    assert ref_geo(eng).first_address == log.begin <= log.head <= log.read_only <= log.tail
     assert log._open_page() - (log.head >> eng.layout.page_bits) < log.n_frames
     assert eng.index.count == len(model)
     keys, addrs = eng.index.entries()
     assert set(keys.tolist()) == set(model)
+    assert (addrs >= log.begin).all()  # nothing at address 0, nor anywhere in the hole
     for k, a in zip(keys.tolist(), addrs.tolist()):
         assert_record(record_at(eng, a), k, model[k])
     R.check_index_invariants(eng.index.slot_keys, eng.index.slot_addrs)
@@ -1165,7 +1441,7 @@ def test_store_records_bytes_through_public_api(tmp_path):
         store.put(keys[:500], vals[500:1000])  # overwrites, many of them RCU
         store.delete(keys[1500:])
         eng = store.engine
-        assert eng.log.head > 0
+        assert eng.log.head > ref_geo(eng).first_address  # pages were evicted
         expect = {int(k): vals[i] for i, k in enumerate(keys[:1500])}
         expect.update({int(k): vals[500 + i] for i, k in enumerate(keys[:500])})
         got = store.get(keys[:1500])
@@ -1175,6 +1451,9 @@ def test_store_records_bytes_through_public_api(tmp_path):
     for k, a in zip(ik.tolist(), ia.tolist()):
         rec = R.decode_record(R.read_record_file(path, a, g.record_bytes, 14), g)
         assert_record(rec, k, expect[k])
+    # page 0 of segment 0 is the hole: never written, it reads as zeros
+    with open(R.segment_path(path, 0), "rb") as f:
+        assert not any(f.read(4096))
     # a tombstone for each deleted key is in the log, after the key's last record
     tombs = 0
     for seg in sorted(os.listdir(path)):
@@ -1225,14 +1504,14 @@ def test_record_header_reserved_bits_are_zero(tmp_path):
     and by writes that copy to the tail alike."""
     eng = build_engine(tmp_path, n_frames=8)
     k = np.array([42], np.int64)
-    versions = []
+    mids = []
     for step in range(3):  # in place
         ops.upsert(eng, k, np.full((1, 5), step, np.float32))
-        versions.append(record_at(eng, addr_of(eng, 42))["version"])
+        mids.append(record_at(eng, addr_of(eng, 42))["reserved_mid"])
     eng.log.marks[LK.M_READ_ONLY] = eng.log.tail  # the next write copies to the tail
     ops.upsert(eng, k, np.full((1, 5), 9, np.float32))
-    versions.append(record_at(eng, addr_of(eng, 42))["version"])
-    assert versions == [0, 0, 0, 0], versions
+    mids.append(record_at(eng, addr_of(eng, 42))["reserved_mid"])
+    assert mids == [0, 0, 0, 0], mids
 
 
 def test_init_seeds(tmp_path):
