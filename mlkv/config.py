@@ -57,6 +57,14 @@ class StoreSettings:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
+        for name in ("dim", "state_dim", "seed", "page_bits", "segment_bits"):
+            _check_int(name, getattr(self, name), minimum=0)
+            object.__setattr__(self, name, int(getattr(self, name)))   # numpy ints -> int
+        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float,
+                                                                                 np.number)):
+            raise TypeError(f"init_scale must be a number, got {type(self.init_scale).__name__}")
+        object.__setattr__(self, "init_scale", float(self.init_scale))
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
         _check_int("dim", self.dim, minimum=1)
         _check_int("state_dim", self.state_dim, minimum=0)
         _check_int("seed", self.seed, minimum=0)
@@ -68,7 +76,7 @@ class StoreSettings:
             raise ValueError(f"page_bits must be at most 30, got {self.page_bits}")
         if self.segment_bits > 40:
             raise ValueError(f"segment_bits must be at most 40, got {self.segment_bits}")
-        if str(self.dtype) not in DTYPES:
+        if self.dtype not in DTYPES:
             raise TypeError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
@@ -121,9 +129,12 @@ def _check_int(name, value, minimum):
 
 def _dtype_name(dtype) -> str:
     try:
-        return np.dtype(dtype).name
+        name = np.dtype(dtype).name
     except TypeError as exc:
         raise TypeError(f"dtype must be one of {DTYPES}, got {dtype!r}") from exc
+    if name not in DTYPES:
+        raise TypeError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return name
 
 
 def default_page_bits(memory_bytes: int) -> int:

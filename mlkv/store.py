@@ -16,7 +16,8 @@ from .engine.index import HashIndex
 from .engine.layout import RecordLayout
 from .engine.log import HybridLog
 from .engine.policy import DEFAULT_POLICY, CachePolicy
-from .errors import ClosedStoreError, MlkvError, ReadOnlyError, StoreLockedError
+from .errors import (ClosedStoreError, CorruptionError, DeviceError, MlkvError, ReadOnlyError,
+                     StoreLockedError)
 
 SETTINGS = "settings.json"
 _INIT_KINDS = {name: i for i, name in enumerate(config.INITS)}
@@ -129,7 +130,12 @@ class Store:
                                 **({} if io_threads is None else {"io_threads": io_threads}))
             log = HybridLog(self.layout, s.np_dtype, self.memory_bytes, device)
             if manifest:
-                log.restore(manifest["begin"], manifest["tail"])
+                try:
+                    log.restore(manifest["begin"], manifest["tail"])
+                except DeviceError as exc:
+                    raise CorruptionError(
+                        f"{os.path.join(path, checkpoint.MANIFEST)}: its tail "
+                        f"{manifest['tail']} lies past the segment files ({exc})") from exc
             self._engine = ops.Engine(self.layout, s.np_dtype, index, log, device, policy_obj)
             if not readonly:
                 self._write_settings(policy)        # remember this open's choices
@@ -359,6 +365,8 @@ class Store:
 
     def _values(self, values, n) -> np.ndarray:
         arr = np.asarray(values)
+        if n == 0 and arr.size == 0:
+            return np.empty((0, self.dim), dtype=self.dtype)
         if arr.dtype.kind not in "fiu":
             raise TypeError(f"values must be numbers ({self.dtype.name}), got dtype {arr.dtype}")
         if arr.shape != (n, self.dim):
@@ -390,12 +398,12 @@ class Store:
 
 def _new_settings(requested: dict, memory_bytes: int) -> StoreSettings:
     given = {k: v for k, v in requested.items() if v is not None}
+    StoreSettings(**{**given, "page_bits": 12, "segment_bits": 12})   # check values first
     if "dtype" in given:
         given["dtype"] = config._dtype_name(given["dtype"])
     if "page_bits" not in given:
-        dim = given["dim"] if isinstance(given["dim"], (int, np.integer)) else 1
         itemsize = np.dtype(given.get("dtype", "float32")).itemsize
-        record = 16 + dim * itemsize + 4 * int(given.get("state_dim") or 0) + 8
+        record = 16 + int(given["dim"]) * itemsize + 4 * int(given.get("state_dim", 0)) + 8
         given["page_bits"] = max(config.default_page_bits(memory_bytes),
                                  int(np.ceil(np.log2(record))))
     if "segment_bits" not in given:

@@ -73,10 +73,17 @@ def load_manifest(directory: str) -> dict | None:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CorruptionError(f"{path}: format version {manifest.get('format_version')!r} is not "
                               f"supported (this mlkv reads version {FORMAT_VERSION})")
-    for name in ("checkpoint_id", "begin", "tail", "rows", "index_file", "index_bytes",
-                 "index_crc32"):
-        if name not in manifest:
-            raise CorruptionError(f"{path}: missing field {name!r}")
+    for name in ("checkpoint_id", "begin", "tail", "rows", "index_bytes", "index_crc32"):
+        value = manifest.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CorruptionError(f"{path}: field {name!r} must be an integer >= 0, "
+                                  f"got {value!r}")
+    name = manifest.get("index_file")
+    if not isinstance(name, str) or os.path.basename(name) != name or not name:
+        raise CorruptionError(f"{path}: field 'index_file' must be a file name, got {name!r}")
+    if not manifest["begin"] <= manifest["tail"]:
+        raise CorruptionError(f"{path}: begin {manifest['begin']} lies past tail "
+                              f"{manifest['tail']}")
     return manifest
 
 
@@ -106,7 +113,11 @@ def load_index(directory: str, manifest: dict) -> HashIndex:
                     raise CorruptionError(f"{path}: index file ends early")
                 crc = zlib.crc32(view, crc)
                 pairs = np.frombuffer(view, dtype="<i8").reshape(take, 2)
-                index.assign(pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64))
+                addrs = pairs[:, 1].astype(np.int64)
+                if addrs.min() < manifest["begin"] or addrs.max() >= manifest["tail"]:
+                    raise CorruptionError(f"{path}: holds addresses outside the log "
+                                          f"[{manifest['begin']}, {manifest['tail']})")
+                index.assign(pairs[:, 0].astype(np.int64), addrs)
                 left -= take
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     except FileNotFoundError as exc:

@@ -102,7 +102,7 @@ class HashIndex:
     @classmethod
     def for_count(cls, n: int) -> "HashIndex":
         """An empty index that holds ``n`` keys without growing."""
-        return cls(int(n / MAX_LOAD) + 1)
+        return cls(int(np.ceil(n / MAX_LOAD)))
 
 
 def _empty_slots(capacity: int) -> tuple[np.ndarray, np.ndarray]:
