@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 
-from . import config
+from . import config, inputs
 from .config import StoreSettings
 from .engine import checkpoint, ops
 from .engine.device import FileDevice
@@ -352,27 +352,10 @@ class Store:
             raise ReadOnlyError(f"store at {self.path!r} is open read-only")
 
     def _keys(self, keys) -> np.ndarray:
-        arr = np.asarray(keys)
-        if arr.ndim != 1:
-            raise ValueError(f"keys must be a 1-D array, got shape {arr.shape}")
-        if arr.size == 0:
-            return np.empty(0, dtype=np.int64)
-        if arr.dtype.kind not in "iu":
-            raise TypeError(f"keys must be integers (int64), got dtype {arr.dtype}")
-        if arr.dtype == np.uint64 and arr.max() > np.iinfo(np.int64).max:
-            raise ValueError("keys must fit in int64; got uint64 values above 2**63 - 1")
-        return np.ascontiguousarray(arr, dtype=np.int64)
+        return inputs.as_keys(keys)
 
     def _values(self, values, n) -> np.ndarray:
-        arr = np.asarray(values)
-        if n == 0 and arr.size == 0:
-            return np.empty((0, self.dim), dtype=self.dtype)
-        if arr.dtype.kind not in "fiu":
-            raise TypeError(f"values must be numbers ({self.dtype.name}), got dtype {arr.dtype}")
-        if arr.shape != (n, self.dim):
-            raise ValueError(f"values must have shape ({n}, {self.dim}) for {n} keys, "
-                             f"got {arr.shape}")
-        return np.ascontiguousarray(arr, dtype=self.dtype)
+        return inputs.as_values(values, n, self.dim, self.dtype)
 
     def _write_settings(self, policy):
         config.write_json_atomic(os.path.join(self.path, SETTINGS), {
