@@ -56,7 +56,7 @@ def store(path):
 
 @pytest.fixture
 def closed_store(store):
-    """A store made durable and closed, with the bytes of each of its files."""
+    """The path of the fixture's store, made durable and closed."""
     store.close()
     return store.path
 
