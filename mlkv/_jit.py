@@ -71,7 +71,9 @@ from numba.extending import intrinsic as _intrinsic  # noqa: E402
 
 @_intrinsic
 def prefetch(typingctx, array, index):
-    """``prefetch(array, i)``: ask the CPU to bring the cache line of ``array.flat[i]`` in.
+    """``prefetch(array, i)``: ask the CPU to bring the cache line of element ``i`` in.
+
+    ``i`` indexes a 1-D array of any layout, or the flat data of a C-contiguous one.
 
     A hint with no effect on results. Kernels that visit rows at random addresses prefetch a
     few iterations ahead, so several cache misses are in flight instead of one (the index and
@@ -82,10 +84,13 @@ def prefetch(typingctx, array, index):
     def codegen(context, builder, signature, args):
         array_type = signature.args[0]
         ary = context.make_array(array_type)(context, builder, args[0])
-        data = builder.bitcast(ary.data, _ir.PointerType(_ir.IntType(8)))
         index = context.cast(builder, args[1], signature.args[1], _types.intp)
-        offset = builder.mul(index, context.get_constant(_types.intp, array_type.dtype.bitwidth // 8))
-        ptr = builder.gep(data, [offset])
+        if array_type.ndim == 1:      # any layout: follows the stride
+            ptr = _cgutils.get_item_pointer(context, builder, array_type, ary, [index],
+                                            wraparound=False)
+        else:                         # a flat index into C-contiguous data
+            ptr = builder.gep(ary.data, [index])
+        ptr = builder.bitcast(ptr, _ir.PointerType(_ir.IntType(8)))
         i32 = _ir.IntType(32)
         fn = _cgutils.get_or_insert_function(
             builder.module, _ir.FunctionType(_ir.VoidType(), [ptr.type, i32, i32, i32]),
