@@ -33,6 +33,7 @@ def save(directory: str, log, index: HashIndex, device) -> int:
     """Make the current state durable; returns the new checkpoint id."""
     old = load_manifest(directory)
     checkpoint_id = (old["checkpoint_id"] if old else 0) + 1
+    log.seal()
     log.flush()
     device.sync()
     index_name = f"index-{checkpoint_id:06d}.bin"

@@ -130,6 +130,16 @@ class HybridLog:
         self.marks[K.M_READ_ONLY] = max(self.read_only, self.head)
         self._set_limit()
 
+    def seal(self) -> None:
+        """Make every record below the tail read-only (at a checkpoint).
+
+        A checkpoint's records must never change on disk afterwards: a reader at that
+        checkpoint, or a reopen after a crash, reads them. Updating one in place and flushing
+        its page again would leak the update into the checkpoint, so later updates copy to
+        the tail instead, as FASTER does.
+        """
+        self.marks[K.M_READ_ONLY] = self.tail
+
     def flush(self) -> None:
         """Write every dirty in-memory page (for close and checkpoint); they stay in memory."""
         open_page = self._open_page()
@@ -158,7 +168,7 @@ class HybridLog:
         tail_page = tail >> page_bits
         self.marks[K.M_BEGIN] = begin
         self.marks[K.M_HEAD] = tail_page << page_bits
-        self.marks[K.M_READ_ONLY] = tail_page << page_bits
+        self.marks[K.M_READ_ONLY] = tail          # the checkpoint's records are sealed
         self.marks[K.M_TAIL] = tail
         if tail & (self.layout.page_bytes - 1):
             frame = self.frames[tail_page % self.n_frames]
