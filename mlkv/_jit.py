@@ -69,18 +69,7 @@ from numba.core import cgutils as _cgutils  # noqa: E402
 from numba.extending import intrinsic as _intrinsic  # noqa: E402
 
 
-@_intrinsic
-def prefetch(typingctx, array, index):
-    """``prefetch(array, i)``: ask the CPU to bring the cache line of element ``i`` in.
-
-    ``i`` indexes a 1-D array of any layout, or the flat data of a C-contiguous one.
-
-    A hint with no effect on results. Kernels that visit rows at random addresses prefetch a
-    few iterations ahead, so several cache misses are in flight instead of one (the index and
-    the buffer pool are far larger than the CPU caches).
-    """
-    sig = _types.void(array, index)
-
+def _prefetch_codegen(for_write: int):
     def codegen(context, builder, signature, args):
         array_type = signature.args[0]
         ary = context.make_array(array_type)(context, builder, args[0])
@@ -95,8 +84,28 @@ def prefetch(typingctx, array, index):
         fn = _cgutils.get_or_insert_function(
             builder.module, _ir.FunctionType(_ir.VoidType(), [ptr.type, i32, i32, i32]),
             "llvm.prefetch.p0i8")
-        # read, high temporal locality, data cache
-        builder.call(fn, [ptr, _ir.Constant(i32, 0), _ir.Constant(i32, 3), _ir.Constant(i32, 1)])
+        # (read or write, high temporal locality, data cache)
+        builder.call(fn, [ptr, _ir.Constant(i32, for_write), _ir.Constant(i32, 3),
+                          _ir.Constant(i32, 1)])
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@_intrinsic
+def prefetch(typingctx, array, index):
+    """``prefetch(array, i)``: ask the CPU to bring the cache line of element ``i`` in.
+
+    ``i`` indexes a 1-D array of any layout, or the flat data of a C-contiguous one.
+
+    A hint with no effect on results. Kernels that visit rows at random addresses prefetch a
+    few iterations ahead, so several cache misses are in flight instead of one (the index and
+    the buffer pool are far larger than the CPU caches).
+    """
+    return _types.void(array, index), _prefetch_codegen(0)
+
+
+@_intrinsic
+def prefetch_for_write(typingctx, array, index):
+    """As :func:`prefetch`, for a line about to be written (fetched in exclusive state)."""
+    return _types.void(array, index), _prefetch_codegen(1)

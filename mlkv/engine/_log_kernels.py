@@ -19,7 +19,7 @@ allocation succeeded, so a stop leaves no half-written key.
 
 import numpy as np
 
-from .._jit import inline_kernel, kernel, prefetch
+from .._jit import inline_kernel, kernel, prefetch, prefetch_for_write
 from ._index_kernels import find_slot, home_slot, mix64, remove_slot
 
 # geometry. Value and state positions are counted in elements of the views that hold them
@@ -129,14 +129,20 @@ def find_slots(slot_keys, slot_addrs, keys, start, addrs):
 
 
 @inline_kernel
-def _prefetch_record(words, geo, marks, address):
+def _prefetch_record(words, geo, marks, address, for_write):
     """Prefetch the cache lines of the record at ``address``, if it is in memory."""
     if address >= marks[M_HEAD]:
         f, w = _frame_word(geo, address)
         base = f * words.shape[1] + w
-        for k in range(0, geo[G_RECORD_WORDS], 8):
-            prefetch(words, base + k)
-        prefetch(words, base + geo[G_RECORD_WORDS] - 1)
+        last = base + geo[G_RECORD_WORDS] - 1
+        if for_write:
+            for k in range(base, last, 8):
+                prefetch_for_write(words, k)
+            prefetch_for_write(words, last)
+        else:
+            for k in range(base, last, 8):
+                prefetch(words, k)
+            prefetch(words, last)
 
 
 @kernel
@@ -162,7 +168,7 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
     slots = find_slots(slot_keys, slot_addrs, keys, start, addrs_out)
     for i in range(start, n):
         if want_values and i + PREFETCH_DISTANCE < n:
-            _prefetch_record(words, geo, marks, addrs_out[i + PREFETCH_DISTANCE])
+            _prefetch_record(words, geo, marks, addrs_out[i + PREFETCH_DISTANCE], False)
         s = slots[i - start]
         if s < 0:
             continue
@@ -239,6 +245,8 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
     state_base = geo[G_STATE_BASE]
     state_dim = geo[G_STATE_DIM]
     read_only = marks[M_READ_ONLY]
+    flat_vals = vals.reshape(vals.size)      # one view for the call, not one per row
+    row_values = vals.shape[1]
     inserted = 0
     n = keys.shape[0]
     # Slots of present keys stay valid while others are inserted; an absent key's empty slot
@@ -249,7 +257,7 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
     slots = find_slots(slot_keys, slot_addrs, keys, start, addrs)
     for i in range(start, n):
         if i + PREFETCH_DISTANCE < n:
-            _prefetch_record(words, geo, marks, addrs[i + PREFETCH_DISTANCE])
+            _prefetch_record(words, geo, marks, addrs[i + PREFETCH_DISTANCE], True)
         s = slots[i - start]
         if s < 0:
             s = find_slot(slot_keys, slot_addrs, keys[i])
@@ -274,10 +282,9 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
                 slot_addrs[-s - 1] = new
                 inserted += 1
         dirty[f] = 1
-        frame_vals = vals[f]
-        v0 = np.uint64(w * values_per_word + value_base)   # unsigned: see _copy_values_out
+        v0 = np.uint64(f * row_values + w * values_per_word + value_base)  # see _copy_values_out
         for j in range(values.shape[1]):
-            frame_vals[v0 + np.uint64(j)] = values[i, j]
+            flat_vals[v0 + np.uint64(j)] = values[i, j]
     return keys.shape[0], inserted
 
 
