@@ -5,10 +5,11 @@ pool of a few pages, so eviction writes pages to disk between checkpoints, and r
 deterministic workload of puts (new rows and updates), deletes and reads (``lookahead`` and
 ``get``, which copy cold rows to the tail under ``second_chance``), checkpointing now and then.
 It prints a line on stdout just before each ``store.checkpoint()`` (``start``), at three points
-inside it (after the pages are flushed, after the index file is written, and just before the
-manifest is written and renamed into place; the child wraps those functions, mlkv is not
-changed), and after it returns (``done`` with the checkpoint id). It pauses 10 ms after each
-phase line, so that a kill right after reading one lands inside that phase.
+inside it (after the pages are flushed, after the index file is written, just before the
+manifest is written and renamed into place, and just after; the child wraps those functions,
+mlkv is not changed), and after it returns (``done`` with the checkpoint id). It pauses 10 ms after each
+phase line (except in runs killed after a random delay), so that a kill right after reading one
+lands inside that phase.
 
 The parent replays the same workload (:func:`workload`, whose source the child script embeds)
 in a ``dict`` model, keeps a snapshot of the model at each checkpoint, and kills the child with
@@ -20,7 +21,8 @@ out which checkpoints the store may be at:
 - a checkpoint begun, but its ``manifest`` line not printed: the manifest rename cannot have
   happened, so again exactly the last ``done`` one;
 - the ``manifest`` line printed but not ``done``: the last ``done`` one or the new one, and the
-  store's ``checkpoint_id`` says which; the rows must equal that one exactly.
+  store's ``checkpoint_id`` says which; the rows must equal that one exactly;
+- the ``renamed`` line printed but not ``done``: the new one (the rename is the commit).
 
 With no checkpoint yet the expected state is the empty store. The parent reopens with
 ``mlkv.open(path)``, compares ``len``, every row of ``items()``, ``get`` of every model key and
@@ -109,7 +111,9 @@ ckpt_mod._write_index = write_index
 _write_json_atomic = ckpt_mod.write_json_atomic
 def write_json_atomic(*args, **kwargs):
     phase("manifest")
-    return _write_json_atomic(*args, **kwargs)
+    out = _write_json_atomic(*args, **kwargs)
+    phase("renamed")
+    return out
 ckpt_mod.write_json_atomic = write_json_atomic
 
 {workload_source}
@@ -231,7 +235,7 @@ def check_store(path, model, checkpoint_id, readonly, dim, dtype, ever):
 
 def run_child(tmp_path, args):
     script = tmp_path / f"child-{args['round']}.py"
-    script.write_text(CHILD.format(pause=PHASE_PAUSE, page_bits=PAGE_BITS, args=args,
+    script.write_text(CHILD.format(pause=args["pause"], page_bits=PAGE_BITS, args=args,
                                    workload_source=textwrap.dedent(inspect.getsource(workload))))
     with open(tmp_path / f"child-{args['round']}.err", "wb") as err:
         return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
@@ -248,7 +252,11 @@ def crash_round(tmp_path, path, cfg, round_no, mode, rng, state, state_id, slow=
     args = dict(path=str(path), seed=cfg["seed"], round=round_no, dim=cfg["dim"],
                 dtype=cfg["dtype"], policy=cfg["policy"], memory_bytes=cfg["frames"] * PAGE_BYTES,
                 steps=cfg["steps"], universe=cfg["universe"], p_checkpoint=p_checkpoint,
-                first_checkpoint=first_checkpoint, slow=slow)
+                first_checkpoint=first_checkpoint, slow=slow,
+                # random-delay kills: no pauses, so they land anywhere in puts, evictions, reads
+                pause=0.0 if mode[0] == "delay" else PHASE_PAUSE)
+    if mode[0] == "delay" and not slow:
+        args["slow"] = 0.0005   # at least 1.5 s per run however fast the machine: outlasts the delay
     snaps, final = checkpoints_of(state, args)
     proc = run_child(tmp_path, args)
     lines = Lines(proc.stdout)
@@ -258,7 +266,8 @@ def crash_round(tmp_path, path, cfg, round_no, mode, rng, state, state_id, slow=
         assert first is not None, stderr_of(tmp_path, round_no)
         assert first == f"ready {state_id}", (first, stderr_of(tmp_path, round_no))
         got.append(first)
-        kind, target = mode
+        kind, target = mode[:2]
+        late = mode[2] if len(mode) > 2 else 0.0
         if kind == "delay":
             deadline = time.monotonic() + target
             while True:
@@ -280,6 +289,8 @@ def crash_round(tmp_path, path, cfg, round_no, mode, rng, state, state_id, slow=
                     count += 1
                     if count == target:
                         break
+            if late and not got[-1].startswith("closed"):
+                time.sleep(late)
         if kind != "none":
             os.kill(proc.pid, signal.SIGKILL)
         got += lines.drain()
@@ -295,13 +306,15 @@ def crash_round(tmp_path, path, cfg, round_no, mode, rng, state, state_id, slow=
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, stderr_of(tmp_path, round_no))
     # What completed: the last "done"; what may have: a checkpoint whose manifest line printed.
     last_model, last_id = state, state_id
-    pending, manifest_seen = None, False
+    pending, manifest_seen, renamed = None, False, False
     for line in got[1:]:
         words = line.split()
         if words[0] == "start":
-            pending, manifest_seen = int(words[1]), False
+            pending, manifest_seen, renamed = int(words[1]), False, False
         elif words == ["phase", "manifest"]:
             manifest_seen = True
+        elif words == ["phase", "renamed"]:
+            renamed = True
         elif words[0] == "done":
             step, cid = int(words[1]), int(words[2])
             assert step == pending and cid == last_id + 1
@@ -313,6 +326,8 @@ def crash_round(tmp_path, path, cfg, round_no, mode, rng, state, state_id, slow=
         found = store.checkpoint_id
     finally:
         store.close()
+    if pending is not None and renamed:
+        assert found == last_id + 1, "the manifest was renamed into place, but not reopened"
     if pending is not None and manifest_seen and found == last_id + 1:
         return snaps[pending], found, "new", mid_checkpoint
     return last_model, last_id, "old", mid_checkpoint
@@ -329,8 +344,9 @@ CONFIGS = [
     dict(name="second_chance-f64-1", policy="second_chance", dtype="float64", dim=1, frames=4,
          universe=2000, steps=3000, seed=404),
 ]
-MODES = ("delay", "done", "start", "phase flush", "phase index", "phase manifest")
-ROUNDS = 6
+MODES = ("delay", "done", "start", "phase flush", "phase index", "phase manifest",
+         "phase renamed")
+ROUNDS = 9
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -355,16 +371,21 @@ def test_kill_and_recover(tmp_path, cfg):
     kills = mid = 0
     outcomes = []
     for round_no in range(ROUNDS):
-        kind = MODES[int(rng.integers(len(MODES)))] if round_no >= len(MODES) else MODES[round_no]
-        target = float(rng.uniform(0.05, 0.5)) if kind == "delay" else int(rng.integers(1, 4))
+        # the fixed modes first, then kills after random delays (often in the middle of an
+        # eviction or a put)
+        kind = MODES[round_no] if round_no < len(MODES) else "delay"
+        if kind == "delay":
+            mode = (kind, float(rng.uniform(0.05, 0.5)))
+        else:
+            mode = (kind, int(rng.integers(1, 4)))
         # every op's keys, for checking deleted keys stay deleted
         for op in workload(cfg["seed"], round_no, cfg["dim"], cfg["dtype"], cfg["steps"],
                            cfg["universe"], 0.0, 0):
             if op[0] != "checkpoint":
                 ever.update(op[1].tolist())
         state, state_id, how, was_mid = crash_round(tmp_path, path, cfg, round_no,
-                                                    (kind, target), rng, state, state_id)
-        outcomes.append((kind, target, how))
+                                                    mode, rng, state, state_id)
+        outcomes.append((*mode, how))
         kills += how != "closed"
         mid += was_mid
         readonly = bool(rng.integers(2))
