@@ -45,6 +45,18 @@ def _info(args) -> int:
     return 0
 
 
+def _compact(args) -> int:
+    from .store import open as open_store
+    with open_store(args.path) as store:
+        result = store.compact()
+        stats = store.stats()
+    mib = 1 << 20
+    print(f"moved {result['rows_moved']:,} rows, freed {result['bytes_freed'] / mib:,.1f} MiB; "
+          f"{stats['disk_bytes'] / mib:,.1f} MiB in {stats['segments']} segment files, "
+          f"{stats['dead_fraction']:.0%} dead")
+    return 0
+
+
 def _demo(args) -> int:
     from . import demo
     demo.run(memory_mib=args.memory_mib, ratio=args.ratio, dim=args.dim, batch=args.batch,
@@ -59,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
+    p = sub.add_parser("compact", help="reclaim the disk held by dead records")
+    p.add_argument("path")
+    p.set_defaults(func=_compact)
     p = sub.add_parser("demo", help="write a table 8x larger than memory, read it back, check it")
     p.add_argument("--memory-mib", type=int, default=32, help="buffer pool budget (MiB)")
     p.add_argument("--ratio", type=int, default=8, help="table size / memory budget")

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import config, inputs
 from .config import StoreSettings
-from .engine import checkpoint, ops
+from .engine import checkpoint, compaction, ops
 from .engine.device import FileDevice
 from .engine.index import HashIndex
 from .engine.layout import RecordLayout
@@ -22,11 +22,13 @@ from .errors import (ClosedStoreError, CorruptionError, DeviceError, MlkvError, 
 SETTINGS = "settings.json"
 _INIT_KINDS = {name: i for i, name in enumerate(config.INITS)}
 _MAX_NAMED_MISSING = 10
+DEFAULT_AUTO_COMPACT = 0.5
 
 
 def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=None,
          init_scale=None, seed=None, policy=None, readonly=False, page_bits=None,
-         segment_bits=None, io_threads=None, direct_io=None) -> "Store":
+         segment_bits=None, io_threads=None, direct_io=None,
+         auto_compact=DEFAULT_AUTO_COMPACT) -> "Store":
     """Create or reopen the store at ``path``.
 
     Parameters
@@ -53,6 +55,9 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
         least 16 frames, up to 1 MiB, and 256 MiB segment files).
     io_threads : int, optional
         Threads that read cold rows from disk in parallel (default 32: the disk serves many reads at once).
+    auto_compact : float or None
+        Compact automatically after a write once dead records are more than this share of
+        the log (default 0.5; ``None`` or 0 turns it off). See :meth:`Store.compact`.
     direct_io : bool, optional
         Bypass the OS page cache with ``O_DIRECT`` (default: where the file system allows).
         ``False`` uses buffered I/O and drops the pages it touched after each batch.
@@ -74,13 +79,17 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
                                        init_scale=init_scale, seed=seed, page_bits=page_bits,
                                        segment_bits=segment_bits),
                  memory_bytes=memory_bytes, policy=policy, readonly=readonly,
-                 io_threads=io_threads, direct_io=direct_io)
+                 io_threads=io_threads, direct_io=direct_io, auto_compact=auto_compact)
 
 
 class Store:
     """A larger-than-memory table of rows keyed by int64; see :func:`mlkv.open`."""
 
-    def __init__(self, path, requested, memory_bytes, policy, readonly, io_threads, direct_io):
+    def __init__(self, path, requested, memory_bytes, policy, readonly, io_threads, direct_io,
+                 auto_compact=DEFAULT_AUTO_COMPACT):
+        if auto_compact is not None and not 0 <= auto_compact < 1:
+            raise ValueError(f"auto_compact must be a share in [0, 1) or None, got {auto_compact!r}")
+        self.auto_compact = auto_compact or None
         self.path = path
         self.readonly = readonly
         self._lock = threading.RLock()
@@ -143,7 +152,8 @@ class Store:
             self._release_lock()
             raise
         self.checkpoint_id = manifest["checkpoint_id"] if manifest else 0
-        self._counts = dict.fromkeys(("gets", "puts", "deletes", "lookaheads", "created"), 0)
+        self._counts = dict.fromkeys(("gets", "puts", "deletes", "lookaheads", "created",
+                                      "compactions"), 0)
         self._closed = False
 
     # ---- properties -----------------------------------------------------------------------
@@ -180,6 +190,7 @@ class Store:
             self._check_writable()
             ops.upsert(self._engine, keys, values)
             self._counts["puts"] += keys.shape[0]
+            self._maybe_compact()
 
     def get(self, keys) -> np.ndarray:
         """Rows of ``keys`` as a new ``[n, dim]`` array.
@@ -194,6 +205,8 @@ class Store:
             self._check_open()
             out, addrs = ops.read(self._engine, keys)
             self._counts["gets"] += keys.shape[0]
+            if not self.readonly:
+                self._maybe_compact()      # reads copied to the tail leave dead records
         if keys.shape[0] and addrs.min() < 0:
             missing = keys[addrs < 0]
             named = ", ".join(str(k) for k in missing[:_MAX_NAMED_MISSING])
@@ -212,6 +225,7 @@ class Store:
                 self._engine, keys, _INIT_KINDS[s.init], s.init_scale, s.seed)
             out, _ = ops.read(self._engine, keys)
             self._counts["gets"] += keys.shape[0]
+            self._maybe_compact()
         return out
 
     def contains(self, keys) -> np.ndarray:
@@ -228,6 +242,7 @@ class Store:
             self._check_writable()
             removed = ops.delete(self._engine, keys)
             self._counts["deletes"] += removed
+            self._maybe_compact()
         return removed
 
     def lookahead(self, keys) -> None:
@@ -242,6 +257,7 @@ class Store:
                 return
             ops.lookahead(self._engine, keys)
             self._counts["lookaheads"] += keys.shape[0]
+            self._maybe_compact()
 
     def __len__(self) -> int:
         with self._lock:
@@ -277,6 +293,27 @@ class Store:
             yield chunk, out
 
     # ---- durability -----------------------------------------------------------------------
+    def compact(self) -> dict:
+        """Reclaim disk: copy live rows out of the oldest segment files, then delete them.
+
+        Ends with a checkpoint. Returns ``{"rows_moved", "bytes_freed", "checkpoint_id"}``.
+        Segments still partly in memory are kept, so a small store may have nothing to free.
+        """
+        with self._lock:
+            self._check_writable()
+            result = compaction.compact(self.path, self._engine)
+            if result["checkpoint_id"] is not None:
+                self.checkpoint_id = result["checkpoint_id"]
+            self._counts["compactions"] += result["checkpoint_id"] is not None
+            return result
+
+    def _maybe_compact(self) -> None:
+        eng = self._engine
+        if (self.auto_compact and compaction.dead_fraction(eng) > self.auto_compact
+                and (eng.log.head >> self.layout.segment_bits)
+                > (eng.log.begin >> self.layout.segment_bits)):
+            self.compact()
+
     def checkpoint(self) -> int:
         """Make every write so far durable; returns the checkpoint's id."""
         with self._lock:
@@ -335,6 +372,8 @@ class Store:
                 "index_bytes": eng.index.nbytes,
                 "memory_bytes": self.memory_bytes,
                 "disk_bytes": eng.device.disk_bytes(),
+                "dead_fraction": compaction.dead_fraction(eng),
+                "segments": len(eng.device.segments()),
                 "record_bytes": self.layout.record_bytes,
                 "policy": eng.policy.name,
                 "checkpoint_id": self.checkpoint_id,

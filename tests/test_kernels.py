@@ -1435,7 +1435,7 @@ def test_store_records_bytes_through_public_api(tmp_path):
     rng = np.random.default_rng(17)
     keys = distinct_keys(rng, 2000)
     vals = random_values(rng, 2000, 7, "float64")
-    with mlkv.open(path, dim=7, dtype="float64", state_dim=1, page_bits=12,
+    with mlkv.open(path, auto_compact=None, dim=7, dtype="float64", state_dim=1, page_bits=12,
                    memory_bytes=4 * 4096, segment_bits=14) as store:
         store.put(keys, vals)
         store.put(keys[:500], vals[500:1000])  # overwrites, many of them RCU

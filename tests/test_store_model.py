@@ -100,9 +100,11 @@ class StoreVsDict(RuleBasedStateMachine):
         pool_factor=st.sampled_from([1.0, 2.0, 4.0]),
         io_threads=st.sampled_from([None, 1, 3]),
         direct_io=st.sampled_from([None, False]),
+        segment_bits=st.sampled_from([None, 13, 14]),
+        auto_compact=st.sampled_from([None, 0.3, 0.5]),
     )
     def open_store(self, data, state_dim, frames, policy, init, init_scale, seed, pool_factor,
-                   io_threads, direct_io):
+                   io_threads, direct_io, segment_bits, auto_compact):
         dtype = data.draw(st.sampled_from(self.DTYPES), label="dtype")
         dim = data.draw(st.sampled_from(DIMS[dtype]), label="dim")
         self.tmp = tempfile.mkdtemp(prefix="mlkv-model-")
@@ -110,9 +112,11 @@ class StoreVsDict(RuleBasedStateMachine):
         self.dtype, self.dim, self.state_dim = np.dtype(dtype), dim, state_dim
         self.init, self.init_scale, self.seed = init, init_scale, seed
         self.memory_bytes, self.policy = frames * PAGE_BYTES, policy
-        self.io = dict(io_threads=io_threads, direct_io=direct_io)   # per open, not remembered
+        # per open, not remembered; small segments let compaction free files
+        self.io = dict(io_threads=io_threads, direct_io=direct_io, auto_compact=auto_compact)
         self.store = mlkv.open(self.path, dim=dim, dtype=dtype, state_dim=state_dim,
-                               page_bits=PAGE_BITS, memory_bytes=self.memory_bytes,
+                               page_bits=PAGE_BITS, segment_bits=segment_bits,
+                               memory_bytes=self.memory_bytes,
                                policy=policy, init=init, init_scale=init_scale, seed=seed,
                                **self.io)
         rpp = records_per_page(dtype, dim, state_dim)
@@ -330,7 +334,9 @@ class StoreVsDict(RuleBasedStateMachine):
         self.durable = dict(self.model)
         memory_bytes = None if frames is None else frames * PAGE_BYTES
         self.io = dict(io_threads=data.draw(st.sampled_from([None, 1, 3]), label="io_threads"),
-                       direct_io=data.draw(st.sampled_from([None, False]), label="direct_io"))
+                       direct_io=data.draw(st.sampled_from([None, False]), label="direct_io"),
+                       auto_compact=data.draw(st.sampled_from([None, 0.3, 0.5]),
+                                              label="auto_compact"))
         self.store = mlkv.open(self.path, memory_bytes=memory_bytes, policy=policy, **self.io)
         if memory_bytes is not None:
             self.memory_bytes = memory_bytes
@@ -342,7 +348,30 @@ class StoreVsDict(RuleBasedStateMachine):
         assert self.store.stats()["memory_bytes"] == self.memory_bytes
         self.last_activity = None
 
+    @rule()
+    def compact(self):
+        """Compaction moves live rows out of the oldest segments and checkpoints."""
+        begin = self.store.stats()["addresses"]["begin"]
+        result = self.store.compact()
+        if result["checkpoint_id"] is None:
+            assert result["rows_moved"] == 0 and result["bytes_freed"] == 0
+        else:
+            assert result["checkpoint_id"] == self.store.checkpoint_id
+            assert self.store.stats()["addresses"]["begin"] > begin
+            assert result["bytes_freed"] > 0
+            self.durable = dict(self.model)
+
     # ---- invariants ------------------------------------------------------------------------
+    @invariant()
+    def checkpoints_are_tracked(self):
+        """Automatic compaction checkpoints at the end of the write that triggered it."""
+        if self.store is None:
+            return
+        if self.store.checkpoint_id != getattr(self, "_checkpoint_seen", None):
+            if getattr(self, "_checkpoint_seen", None) is not None:
+                self.durable = dict(self.model)
+            self._checkpoint_seen = self.store.checkpoint_id
+
     @invariant()
     def same_rows(self):
         if self.store is None:

@@ -173,6 +173,25 @@ class FileDevice:
         self.read_calls += 1
         return got
 
+    def remove_segments_below(self, segment: int) -> int:
+        """Delete the segment files numbered below ``segment`` (their data is dead).
+
+        Also those a crash left behind after an earlier compaction. Returns bytes deleted.
+        """
+        if self.readonly:
+            raise DeviceError("device is read-only")
+        for s in self.segments():
+            if s < segment:
+                os.close(int(self._fds[s]))
+                self._fds[s] = -1
+        freed = 0
+        for name in os.listdir(self.directory):
+            if name.startswith("segment-") and name.endswith(".log") and int(name[8:-4]) < segment:
+                path = os.path.join(self.directory, name)
+                freed += os.path.getsize(path)
+                os.remove(path)
+        return freed
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()

@@ -130,6 +130,12 @@ class HybridLog:
         self.marks[K.M_READ_ONLY] = max(self.read_only, self.head)
         self._set_limit()
 
+    def move_begin(self, address: int) -> None:
+        """Drop the log below ``address`` (compaction moved its live records to the tail)."""
+        if not self.begin <= address <= self.head:
+            raise ValueError(f"begin {address} outside [{self.begin}, {self.head}]")
+        self.marks[K.M_BEGIN] = address
+
     def seal(self) -> None:
         """Make every record below the tail read-only (at a checkpoint).
 
