@@ -20,7 +20,8 @@ def _info(args) -> int:
             "addresses": stats["addresses"],
             "checkpoint_id": stats["checkpoint_id"],
             "disk_bytes": stats["disk_bytes"],
-            "segments": len(store.engine.device.segments()),
+            "segments": stats["segments"],
+            "dead_fraction": stats["dead_fraction"],
             "memory_bytes": stats["memory_bytes"],
             "index_bytes": stats["index_bytes"],
             "policy": stats["policy"],
@@ -39,7 +40,8 @@ def _info(args) -> int:
     print(f"markers     begin={a['begin']:,} head={a['head']:,} read_only={a['read_only']:,} "
           f"tail={a['tail']:,}")
     print(f"checkpoint  {info['checkpoint_id']}")
-    print(f"disk        {info['disk_bytes'] / mib:,.1f} MiB in {info['segments']} segment files")
+    print(f"disk        {info['disk_bytes'] / mib:,.1f} MiB in {info['segments']} segment files, "
+          f"{info['dead_fraction']:.0%} of the log dead")
     print(f"memory      buffer pool {info['memory_bytes'] / mib:,.1f} MiB, index "
           f"{info['index_bytes'] / mib:,.1f} MiB; policy {info['policy']}")
     return 0
