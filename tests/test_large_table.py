@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import gc
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -428,11 +429,16 @@ def test_memory_probe_sees_what_it_measures(tmp_path):
     hwm_ok = reset_peak_rss()
     before = rss_bytes()
     with RssSampler(interval=0.005) as sampler:
-        block = np.ones(48 * MiB, dtype=np.uint8)          # touched: resident
+        # A fresh anonymous map, not malloc: malloc may hand back memory already resident
+        # from earlier tests in this process, which would not move RSS.
+        region = mmap.mmap(-1, 48 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        block = np.frombuffer(region, dtype=np.uint8)
+        block[:] = 1                                       # touched: resident
         assert rss_bytes() - before >= 40 * MiB
         time.sleep(0.1)                                    # the sampler's turn
         del block
-    assert rss_bytes() - before < 24 * MiB                 # freed (numpy mmaps big arrays)
+        region.close()
+    assert rss_bytes() - before < 24 * MiB                 # unmapped: gone
     assert sampler.peak_rss - before >= 40 * MiB
     if hwm_ok:
         assert peak_rss_bytes() - before >= 40 * MiB
