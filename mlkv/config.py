@@ -164,3 +164,23 @@ def read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise CorruptionError(f"{path}: expected a JSON object")
     return data
+
+
+def new_settings(requested: dict, memory_bytes: int) -> StoreSettings:
+    """Settings of a new store from what ``open`` was given; defaults fill the rest.
+
+    The page size defaults to the largest (up to 1 MiB) that gives the buffer pool 16 frames
+    and still holds a record; segments default to 256 MiB.
+    """
+    given = {k: v for k, v in requested.items() if v is not None}
+    StoreSettings(**{**given, "page_bits": MIN_PAGE_BITS,
+                     "segment_bits": MIN_PAGE_BITS})          # check the values first
+    if "dtype" in given:
+        given["dtype"] = _dtype_name(given["dtype"])
+    if "page_bits" not in given:
+        itemsize = np.dtype(given.get("dtype", "float32")).itemsize
+        record = 16 + int(given["dim"]) * itemsize + 4 * int(given.get("state_dim", 0)) + 8
+        given["page_bits"] = max(default_page_bits(memory_bytes), int(np.ceil(np.log2(record))))
+    if "segment_bits" not in given:
+        given["segment_bits"] = max(DEFAULT_SEGMENT_BITS, given["page_bits"])
+    return StoreSettings(**given)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import threading
 
 import numpy as np
 
-from . import config, inputs
+from . import config, inputs, lockfile
 from .config import StoreSettings
 from .engine import checkpoint, compaction, ops
 from .engine.device import FileDevice
@@ -16,8 +15,7 @@ from .engine.index import HashIndex
 from .engine.layout import RecordLayout
 from .engine.log import HybridLog
 from .engine.policy import DEFAULT_POLICY, CachePolicy
-from .errors import (ClosedStoreError, CorruptionError, DeviceError, MlkvError, ReadOnlyError,
-                     StoreLockedError)
+from .errors import ClosedStoreError, CorruptionError, DeviceError, MlkvError, ReadOnlyError
 
 SETTINGS = "settings.json"
 _INIT_KINDS = {name: i for i, name in enumerate(config.INITS)}
@@ -115,7 +113,7 @@ class Store:
                 raise MlkvError(f"{path!r} is a non-empty directory that is not an mlkv store")
             memory_bytes = memory_bytes or config.DEFAULT_MEMORY_BYTES
             policy = policy or DEFAULT_POLICY
-            self.settings = _new_settings(requested, memory_bytes)
+            self.settings = config.new_settings(requested, memory_bytes)
         # A read-only store never writes, so it cannot copy reads to the tail.
         policy_obj = CachePolicy("fifo" if readonly else policy)
         self._policy_name = policy_obj.name
@@ -130,7 +128,7 @@ class Store:
         self.memory_bytes = int(memory_bytes)
         os.makedirs(path, exist_ok=True)
         if not readonly:
-            self._take_lock()
+            self._lock_fd = lockfile.take(path)
         try:
             manifest = checkpoint.load_manifest(path)
             index = checkpoint.load_index(path, manifest) if manifest else HashIndex()
@@ -149,7 +147,7 @@ class Store:
             if not readonly:
                 self._write_settings(policy)        # remember this open's choices
         except BaseException:
-            self._release_lock()
+            lockfile.release(self._lock_fd)
             raise
         self.checkpoint_id = manifest["checkpoint_id"] if manifest else 0
         self._counts = dict.fromkeys(("gets", "puts", "deletes", "lookaheads", "created",
@@ -184,8 +182,8 @@ class Store:
 
         The row's optimizer state is reset to zeros, as a freshly initialised row has.
         """
-        keys = self._keys(keys)
-        values = self._values(values, keys.shape[0])
+        keys = inputs.as_keys(keys)
+        values = inputs.as_values(values, keys.shape[0], self.dim, self.dtype)
         with self._lock:
             self._check_writable()
             ops.upsert(self._engine, keys, values)
@@ -200,7 +198,7 @@ class Store:
         KeyError
             Naming (up to 10 of) the keys not in the store.
         """
-        keys = self._keys(keys)
+        keys = inputs.as_keys(keys)
         with self._lock:
             self._check_open()
             out, addrs = ops.read(self._engine, keys)
@@ -217,7 +215,7 @@ class Store:
 
     def get_or_init(self, keys) -> np.ndarray:
         """Rows of ``keys``; absent keys are first created with the store's initializer."""
-        keys = self._keys(keys)
+        keys = inputs.as_keys(keys)
         s = self.settings
         with self._lock:
             self._check_writable()
@@ -230,14 +228,14 @@ class Store:
 
     def contains(self, keys) -> np.ndarray:
         """Boolean ``[n]``: whether each key has a row."""
-        keys = self._keys(keys)
+        keys = inputs.as_keys(keys)
         with self._lock:
             self._check_open()
             return self._engine.index.lookup(keys) >= 0
 
     def delete(self, keys) -> int:
         """Remove the rows of ``keys``; absent keys are ignored. Returns how many were removed."""
-        keys = self._keys(keys)
+        keys = inputs.as_keys(keys)
         with self._lock:
             self._check_writable()
             removed = ops.delete(self._engine, keys)
@@ -250,7 +248,7 @@ class Store:
 
         Absent keys are ignored; nothing is returned. On a read-only store it does nothing.
         """
-        keys = self._keys(keys)
+        keys = inputs.as_keys(keys)
         with self._lock:
             self._check_open()
             if self.readonly:
@@ -334,7 +332,8 @@ class Store:
                 self._closed = True
                 self._engine.device.close()
                 self._engine = None       # frees the buffer pool and the index now
-                self._release_lock()
+                lockfile.release(self._lock_fd)
+                self._lock_fd = None
 
     def __enter__(self):
         return self
@@ -390,44 +389,7 @@ class Store:
         if self.readonly:
             raise ReadOnlyError(f"store at {self.path!r} is open read-only")
 
-    def _keys(self, keys) -> np.ndarray:
-        return inputs.as_keys(keys)
-
-    def _values(self, values, n) -> np.ndarray:
-        return inputs.as_values(values, n, self.dim, self.dtype)
-
     def _write_settings(self, policy):
         config.write_json_atomic(os.path.join(self.path, SETTINGS), {
             "settings": self.settings.to_json(), "memory_bytes": self.memory_bytes,
             "policy": policy})
-
-    def _take_lock(self):
-        fd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreLockedError(
-                f"store at {self.path!r} is open for writing elsewhere (another process, or "
-                f"another Store object in this one); close it first or open with readonly=True")
-        self._lock_fd = fd
-
-    def _release_lock(self):
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
-
-def _new_settings(requested: dict, memory_bytes: int) -> StoreSettings:
-    given = {k: v for k, v in requested.items() if v is not None}
-    StoreSettings(**{**given, "page_bits": 12, "segment_bits": 12})   # check values first
-    if "dtype" in given:
-        given["dtype"] = config._dtype_name(given["dtype"])
-    if "page_bits" not in given:
-        itemsize = np.dtype(given.get("dtype", "float32")).itemsize
-        record = 16 + int(given["dim"]) * itemsize + 4 * int(given.get("state_dim", 0)) + 8
-        given["page_bits"] = max(config.default_page_bits(memory_bytes),
-                                 int(np.ceil(np.log2(record))))
-    if "segment_bits" not in given:
-        given["segment_bits"] = max(config.DEFAULT_SEGMENT_BITS, given["page_bits"])
-    return StoreSettings(**given)
