@@ -21,6 +21,7 @@ import numpy as np
 
 from .._jit import inline_kernel, kernel, prefetch, prefetch_for_write
 from ._index_kernels import find_slot, home_slot, mix64, remove_slot
+from .layout import FLAG_TOMBSTONE, FLAG_VALID, FLAGS_SHIFT
 
 # geometry. Value and state positions are counted in elements of the views that hold them
 # (``vals``: the store dtype; ``f32``), so kernels index with a multiply and an add: the
@@ -32,9 +33,6 @@ N_GEOMETRY = 8
 M_BEGIN, M_HEAD, M_READ_ONLY, M_TAIL, M_OPEN_PAGE, M_LIMIT_PAGE = range(6)
 N_MARKS = 6
 
-FLAGS_SHIFT = np.int64(48)
-VALID = np.int64(1)
-TOMBSTONE = np.int64(2)
 
 POLICY_FIFO, POLICY_SECOND_CHANCE, POLICY_FREQUENCY = 0, 1, 2
 #: how many keys ahead the batched kernels prefetch index slots and records
@@ -273,7 +271,7 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
             if new < 0:
                 return i, inserted
             f, w = _frame_word(geo, new)
-            words[f, w] = VALID << FLAGS_SHIFT
+            words[f, w] = FLAG_VALID << FLAGS_SHIFT
             words[f, w + 1] = keys[i]
             if s >= 0:
                 slot_addrs[s] = new
@@ -303,7 +301,7 @@ def delete_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, start):
         if new < 0:
             return i, removed
         f, w = _frame_word(geo, new)
-        words[f, w] = (VALID | TOMBSTONE) << FLAGS_SHIFT
+        words[f, w] = (FLAG_VALID | FLAG_TOMBSTONE) << FLAGS_SHIFT
         words[f, w + 1] = keys[i]
         remove_slot(slot_keys, slot_addrs, s)
         removed += 1

@@ -64,7 +64,6 @@ class FileDevice:
         self.io_threads = max(1, int(io_threads))
         self.bytes_read = 0
         self.bytes_written = 0
-        self.read_calls = 0
         self._fds = np.full(16, -1, dtype=np.int32)
         self._scratch = []                      # per thread; sized for the records read
         self._pool = None
@@ -170,7 +169,6 @@ class FileDevice:
             segment = address >> self.segment_bits
             raise DeviceError(
                 f"short read at log address {address} in {self.segment_path(segment)}")
-        self.read_calls += 1
         return got
 
     def remove_segments_below(self, segment: int) -> int:

@@ -46,13 +46,12 @@ import numpy as np
 
 HEADER_BYTES = 8
 KEY_BYTES = 8
-NO_ADDRESS = -1
 FIRST_ADDRESS_PAGE = 1
 
-PENDING_MASK = np.uint64(0xFFFF)
-FLAGS_SHIFT = 48
-FLAG_VALID = 1
-FLAG_TOMBSTONE = 2
+# header words as int64, the type the kernels write them as
+FLAGS_SHIFT = np.int64(48)
+FLAG_VALID = np.int64(1)
+FLAG_TOMBSTONE = np.int64(2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +101,3 @@ class RecordLayout:
 
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
-
-
-def page_of(address: int, page_bits: int) -> int:
-    return address >> page_bits

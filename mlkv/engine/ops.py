@@ -87,7 +87,7 @@ def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: i
         _run(eng, finish)
     eng.policy.after_reads(n)
     eng.counts["misses"] += n_cold
-    eng.counts["hits"] += n - n_cold
+    eng.counts["hits"] += n - n_cold - int(np.count_nonzero(addrs < 0))   # absent: neither
     return out, addrs
 
 
