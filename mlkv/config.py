@@ -15,7 +15,8 @@ import numpy as np
 
 from .errors import CorruptionError, SettingsMismatchError
 
-FORMAT_VERSION = 1
+#: 2: records carry a checksum in their header (version 1 stores had none)
+FORMAT_VERSION = 2
 DTYPES = ("float32", "float16", "float64")
 INITS = ("uniform", "normal", "zeros")
 DEFAULT_MEMORY_BYTES = 256 << 20

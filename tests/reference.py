@@ -19,8 +19,8 @@ GOLDEN = 0x9E3779B97F4A7C15
 
 # layout.py: header bit fields
 PENDING_BITS = 16
-RESERVED_SHIFT = 16          # bits 16..47: reserved, written as zero
-RESERVED_BITS = 32
+CHECKSUM_SHIFT = 16          # bits 16..47: the record's checksum, written at flush
+CHECKSUM_BITS = 32
 FLAGS_SHIFT = 48
 FLAG_VALID = 1
 FLAG_TOMBSTONE = 2
@@ -256,14 +256,27 @@ def decode_record(buf: bytes, geo: Geometry) -> dict:
     return {
         "header": header,
         "pending": header & ((1 << PENDING_BITS) - 1),
-        "reserved_mid": (header >> RESERVED_SHIFT) & ((1 << RESERVED_BITS) - 1),
+        "checksum": (header >> CHECKSUM_SHIFT) & ((1 << CHECKSUM_BITS) - 1),
         "flags": (header >> FLAGS_SHIFT) & 0xFF,
         "reserved": header >> 56,
         "key": key,
         "values": values,
         "state": state,
         "padding": gap,
+        "raw": bytes(buf),
     }
+
+
+def record_checksum(buf: bytes, address: int) -> int:
+    """_checksum_kernels.py: a multiply chain over the record's words, seeded with its
+    address; the header's pending counter and checksum bits are left out."""
+    words = struct.unpack(f"<{len(buf) // 8}Q", buf)
+    h = mix64(address)
+    for k, word in enumerate(words):
+        if k == 0:
+            word &= ~((1 << 48) - 1) & MASK64        # flags and above only
+        h = ((h ^ word) * GOLDEN) & MASK64
+    return mix64(h) >> 32
 
 
 def segment_path(directory: str, segment: int) -> str:

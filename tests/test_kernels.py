@@ -736,7 +736,7 @@ def distinct_keys(rng, n):
 def assert_record(rec, key, values=None, flags=R.FLAG_VALID, state_zero=True):
     assert rec["flags"] == flags, rec
     assert rec["key"] == key
-    assert rec["reserved"] == 0 and rec["reserved_mid"] == 0
+    assert rec["reserved"] == 0
     if values is not None:
         np.testing.assert_array_equal(rec["values"], values)
     if state_zero:
@@ -1499,19 +1499,33 @@ def test_float16_store_roundtrip(tmp_path):
         assert_record(rec, k, expect.get(k))
 
 
-def test_record_header_reserved_bits_are_zero(tmp_path):
-    """layout.py: header bits 16..47 are reserved and written as zero, by writes in place
-    and by writes that copy to the tail alike."""
+def test_flushed_records_carry_their_checksum(tmp_path):
+    """layout.py / _checksum_kernels.py: every record on disk holds, in header bits 16..47,
+    the reference checksum of its words and address; written in place, copied to the tail,
+    and tombstones alike. A page flushed again (the tail page) keeps its records' checksums."""
     eng = build_engine(tmp_path, n_frames=8)
+    g = ref_geo(eng)
     k = np.array([42], np.int64)
-    mids = []
+    addresses = []
     for step in range(3):  # in place
         ops.upsert(eng, k, np.full((1, 5), step, np.float32))
-        mids.append(record_at(eng, addr_of(eng, 42))["reserved_mid"])
+    addresses.append(addr_of(eng, 42))
+    eng.log.flush()
     eng.log.marks[LK.M_READ_ONLY] = eng.log.tail  # the next write copies to the tail
     ops.upsert(eng, k, np.full((1, 5), 9, np.float32))
-    mids.append(record_at(eng, addr_of(eng, 42))["reserved_mid"])
-    assert mids == [0, 0, 0, 0], mids
+    addresses.append(addr_of(eng, 42))
+    ops.delete(eng, np.array([42], np.int64))
+    addresses.append(eng.log.tail - g.record_bytes)      # the tombstone
+    rng = np.random.default_rng(3)
+    keys = distinct_keys(rng, 3 * g.records_per_page)
+    ops.upsert(eng, keys, random_values(rng, keys.shape[0], 5, "float32"))
+    addresses += [addr_of(eng, int(key)) for key in keys[::7]]
+    eng.log.flush()
+    for a in addresses:
+        raw = R.read_record_file(str(tmp_path / "log"), a, g.record_bytes, g.segment_bits)
+        rec = R.decode_record(raw, g)
+        assert rec["flags"] & R.FLAG_VALID
+        assert rec["checksum"] == R.record_checksum(raw, a), a
 
 
 def test_init_seeds(tmp_path):

@@ -75,6 +75,12 @@ class FileDevice:
     def segment_path(self, segment: int) -> str:
         return os.path.join(self.directory, f"segment-{segment:06d}.log")
 
+    def page_location(self, page: int) -> str:
+        """Where ``page`` is stored: its segment file and byte offset, for error messages."""
+        pages_per_segment = 1 << (self.segment_bits - self.page_bits)
+        offset = (page % pages_per_segment) << self.page_bits
+        return f"{self.segment_path(page // pages_per_segment)} at byte {offset}"
+
     def segments(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(self._fds >= 0)]
 

@@ -29,11 +29,15 @@ Header (one little-endian uint64)
 
     63        56 55        48 47                              16 15               0
     +-----------+------------+---------------------------------+------------------+
-    | reserved  |   flags    |       reserved (zero)           | pending reads    |
+    | reserved  |   flags    |     checksum (32 bits)          | pending reads    |
     +-----------+------------+---------------------------------+------------------+
 
 - ``pending reads``: rows handed to training whose update has not come back (staleness).
-- bits 16..47 are reserved and written as zero.
+  Kept in memory only: the checksum leaves it out.
+- ``checksum``: written when the record's page is flushed (see
+  :mod:`mlkv.engine._checksum_kernels`); it covers the rest of the header, the key, the
+  values, the state and the record's own logical address, so a flipped bit, a torn page or a
+  page written to the wrong place is caught when the record is read back.
 - ``flags``: bit 0 ``VALID`` (a written record; all-zero padding has it clear),
   bit 1 ``TOMBSTONE`` (the key was deleted here).
 """
@@ -52,6 +56,10 @@ FIRST_ADDRESS_PAGE = 1
 FLAGS_SHIFT = np.int64(48)
 FLAG_VALID = np.int64(1)
 FLAG_TOMBSTONE = np.int64(2)
+CHECKSUM_SHIFT = np.int64(16)
+PENDING_MASK = np.int64(0xFFFF)
+#: header bits the checksum covers: all but the pending counter and the checksum itself
+CHECKED_HEADER_MASK = np.int64(-(1 << 48))      # bits 48..63 (the flags and above)
 
 
 @dataclasses.dataclass(frozen=True)

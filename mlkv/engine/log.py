@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import MIN_FRAMES
+from ..errors import CorruptionError
+from . import _checksum_kernels as CK
 from . import _log_kernels as K
 from .buffers import aligned_empty
 from .layout import FIRST_ADDRESS_PAGE, RecordLayout
@@ -162,6 +164,8 @@ class HybridLog:
             run = page
             while run < stop and self.dirty[run % self.n_frames]:
                 run += 1
+            CK.seal_pages(self.words, self.layout.page_bits, self.layout.record_bytes // 8,
+                          page, run)
             self.device.write_pages(page, [self.frames[p % self.n_frames] for p in range(page, run)])
             for p in range(page, run):
                 self.dirty[p % self.n_frames] = 0
@@ -179,6 +183,16 @@ class HybridLog:
         if tail & (self.layout.page_bytes - 1):
             frame = self.frames[tail_page % self.n_frames]
             self.device.read_page(tail_page, frame)
+            n_records = (tail & (self.layout.page_bytes - 1)) // self.layout.record_bytes
+            bad = np.empty(n_records, dtype=np.int64)
+            if CK.check_page(frame.view(np.int64), tail_page << page_bits,
+                             self.layout.record_bytes // 8, n_records, bad):
+                raise CorruptionError(
+                    f"{self.device.page_location(tail_page)}: the log's tail page {tail_page} "
+                    f"is damaged (records {bad[0]}... fail their checksum)")
+            # A writer that crashed after the checkpoint may have appended to this page;
+            # new records must land on zeros (fresh state, sound padding), as on a new page.
+            frame[tail & (self.layout.page_bytes - 1):] = 0
             self.marks[K.M_OPEN_PAGE] = tail_page
         else:
             self.marks[K.M_OPEN_PAGE] = tail_page - 1

@@ -14,6 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from ..errors import CorruptionError
+from . import _checksum_kernels as CK
 from . import _log_kernels as K
 from .device import FileDevice
 from .index import HashIndex
@@ -73,9 +75,11 @@ def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: i
     if n_cold:
         cold_pos = cold_pos[:n_cold]
         cold_addrs = addrs[cold_pos]
-        unique_addrs, rec_index = np.unique(cold_addrs, return_inverse=True)
+        unique_addrs, first, rec_index = np.unique(cold_addrs, return_index=True,
+                                                   return_inverse=True)
         records = eng.device.read_records(unique_addrs, eng.layout.record_bytes)
         rec_words, rec_vals = records.view(np.int64), records.view(kernel_dtype(eng.dtype))
+        _check_records(eng, rec_words, unique_addrs, keys[cold_pos[first]])
 
         def finish(pos):
             pos = K.finish_cold(
@@ -89,6 +93,18 @@ def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: i
     eng.counts["misses"] += n_cold
     eng.counts["hits"] += n - n_cold - int(np.count_nonzero(addrs < 0))   # absent: neither
     return out, addrs
+
+
+def _check_records(eng: Engine, rec_words, addrs, keys) -> None:
+    """Raise CorruptionError unless every record read is the intact, live row of its key."""
+    bad = CK.first_bad_record(rec_words, addrs, keys)
+    if bad >= 0:
+        address = int(addrs[bad])
+        page = address >> eng.layout.page_bits
+        raise CorruptionError(
+            f"{eng.device.page_location(page)}: page {page} is damaged: the record of key "
+            f"{int(keys[bad])} at log address {address} fails its checksum. Rows read "
+            f"before it are intact; run `mlkv verify` to list every damaged page")
 
 
 def upsert(eng: Engine, keys: np.ndarray, values: np.ndarray) -> None:
