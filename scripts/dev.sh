@@ -22,6 +22,7 @@ stamp="$venv/.mlkv-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/dev.sh -nt "$stamp" ]; then
     $pip install --quiet --upgrade pip
     $pip install --quiet "torch==2.13.0"
+    $pip install --quiet --no-deps recbole pykeen   # data files only (mlkv.datasets), never imported
     $pip install --quiet -e ".[torch,test,bench]"
     touch "$stamp"
 fi
