@@ -47,10 +47,34 @@ def _info(args) -> int:
     return 0
 
 
+def _verify(args) -> int:
+    from .store import open as open_store
+    with open_store(args.path, readonly=True) as store:
+        report = store.verify(progress=None if args.progress else False)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0 if report["ok"] else 1
+    for page in report["damaged_pages"]:
+        slots = ", ".join(str(s) for s in page["slots"][:8])
+        more = " ..." if len(page["slots"]) > 8 else ""
+        what = "missing" if page["problem"] == "missing" else f"damaged record slots {slots}{more}"
+        print(f"page {page['page']:,} ({page['location']}): {what}")
+    for entry in report["bad_entries"]:
+        print(f"key {entry['key']} points at log address {entry['address']:,}, "
+              f"which does not hold its row")
+    listed = len(report["damaged_pages"]) + len(report["bad_entries"])
+    if listed < report["n_damaged_pages"] + report["n_bad_entries"]:
+        print("... (more not listed)")
+    verdict = "ok" if report["ok"] else (f"DAMAGED: {report['n_damaged_pages']:,} pages, "
+                                         f"{report['n_bad_entries']:,} index entries")
+    print(f"{verdict} ({report['pages_checked']:,} pages checked)")
+    return 0 if report["ok"] else 1
+
+
 def _compact(args) -> int:
     from .store import open as open_store
     with open_store(args.path) as store:
-        result = store.compact()
+        result = store.compact(progress=None if args.progress else False)
         stats = store.stats()
     mib = 1 << 20
     print(f"moved {result['rows_moved']:,} rows, freed {result['bytes_freed'] / mib:,.1f} MiB; "
@@ -73,8 +97,16 @@ def main(argv=None) -> int:
     p.add_argument("path")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_info)
+    p = sub.add_parser("verify", help="read every page and check it; exit status 1 on damage")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (it is drawn only on a terminal anyway)")
+    p.set_defaults(func=_verify)
     p = sub.add_parser("compact", help="reclaim the disk held by dead records")
     p.add_argument("path")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (it is drawn only on a terminal anyway)")
     p.set_defaults(func=_compact)
     p = sub.add_parser("demo", help="write a table 8x larger than memory, read it back, check it")
     p.add_argument("--memory-mib", type=int, default=32, help="buffer pool budget (MiB)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -10,12 +11,11 @@ import numpy as np
 from . import config, inputs, lockfile
 from .config import StoreSettings
 from .engine import checkpoint, compaction, ops
+from .engine import verify as verification
 from .engine.device import FileDevice
-from .engine.index import HashIndex
 from .engine.layout import RecordLayout
-from .engine.log import HybridLog
 from .engine.policy import DEFAULT_POLICY, CachePolicy
-from .errors import ClosedStoreError, CorruptionError, DeviceError, MlkvError, ReadOnlyError
+from .errors import ClosedStoreError, DeviceError, MlkvError, ReadOnlyError
 
 SETTINGS = "settings.json"
 _INIT_KINDS = {name: i for i, name in enumerate(config.INITS)}
@@ -83,6 +83,8 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
 class Store:
     """A larger-than-memory table of rows keyed by int64; see :func:`mlkv.open`."""
 
+    _device_class = FileDevice        # tests put a fault-injecting device here
+
     def __init__(self, path, requested, memory_bytes, policy, readonly, io_threads, direct_io,
                  auto_compact=DEFAULT_AUTO_COMPACT):
         if auto_compact is not None and not 0 <= auto_compact < 1:
@@ -93,6 +95,7 @@ class Store:
         self._lock = threading.RLock()
         self._lock_fd = None
         self._closed = True
+        self._failure = None
         if memory_bytes is not None:
             config._check_int("memory_bytes", memory_bytes, minimum=1)
         if os.path.exists(path) and not os.path.isdir(path):
@@ -130,26 +133,16 @@ class Store:
         if not readonly:
             self._lock_fd = lockfile.take(path)
         try:
-            manifest = checkpoint.load_manifest(path)
-            index = checkpoint.load_index(path, manifest) if manifest else HashIndex()
-            device = FileDevice(path, s.page_bits, s.segment_bits, readonly=readonly,
-                                direct=direct_io,
-                                **({} if io_threads is None else {"io_threads": io_threads}))
-            log = HybridLog(self.layout, s.np_dtype, self.memory_bytes, device)
-            if manifest:
-                try:
-                    log.restore(manifest["begin"], manifest["tail"])
-                except DeviceError as exc:
-                    raise CorruptionError(
-                        f"{os.path.join(path, checkpoint.MANIFEST)}: its tail "
-                        f"{manifest['tail']} lies past the segment files ({exc})") from exc
-            self._engine = ops.Engine(self.layout, s.np_dtype, index, log, device, policy_obj)
+            device = self._device_class(
+                path, s.page_bits, s.segment_bits, readonly=readonly, direct=direct_io,
+                **({} if io_threads is None else {"io_threads": io_threads}))
+            self._engine, self.checkpoint_id = checkpoint.recover(
+                path, self.layout, s.np_dtype, self.memory_bytes, policy_obj, device)
             if not readonly:
                 self._write_settings(policy)        # remember this open's choices
         except BaseException:
             lockfile.release(self._lock_fd)
             raise
-        self.checkpoint_id = manifest["checkpoint_id"] if manifest else 0
         self._counts = dict.fromkeys(("gets", "puts", "deletes", "lookaheads", "created",
                                       "compactions"), 0)
         self._closed = False
@@ -184,8 +177,7 @@ class Store:
         """
         keys = inputs.as_keys(keys)
         values = inputs.as_values(values, keys.shape[0], self.dim, self.dtype)
-        with self._lock:
-            self._check_writable()
+        with self._op(write=True):
             ops.upsert(self._engine, keys, values)
             self._counts["puts"] += keys.shape[0]
             self._maybe_compact()
@@ -199,8 +191,7 @@ class Store:
             Naming (up to 10 of) the keys not in the store.
         """
         keys = inputs.as_keys(keys)
-        with self._lock:
-            self._check_open()
+        with self._op():
             out, addrs = ops.read(self._engine, keys)
             self._counts["gets"] += keys.shape[0]
             if not self.readonly:
@@ -217,8 +208,7 @@ class Store:
         """Rows of ``keys``; absent keys are first created with the store's initializer."""
         keys = inputs.as_keys(keys)
         s = self.settings
-        with self._lock:
-            self._check_writable()
+        with self._op(write=True):
             self._counts["created"] += ops.create_missing(
                 self._engine, keys, _INIT_KINDS[s.init], s.init_scale, s.seed)
             out, _ = ops.read(self._engine, keys)
@@ -229,15 +219,13 @@ class Store:
     def contains(self, keys) -> np.ndarray:
         """Boolean ``[n]``: whether each key has a row."""
         keys = inputs.as_keys(keys)
-        with self._lock:
-            self._check_open()
+        with self._op():
             return self._engine.index.lookup(keys) >= 0
 
     def delete(self, keys) -> int:
         """Remove the rows of ``keys``; absent keys are ignored. Returns how many were removed."""
         keys = inputs.as_keys(keys)
-        with self._lock:
-            self._check_writable()
+        with self._op(write=True):
             removed = ops.delete(self._engine, keys)
             self._counts["deletes"] += removed
             self._maybe_compact()
@@ -249,8 +237,7 @@ class Store:
         Absent keys are ignored; nothing is returned. On a read-only store it does nothing.
         """
         keys = inputs.as_keys(keys)
-        with self._lock:
-            self._check_open()
+        with self._op():
             if self.readonly:
                 return
             ops.lookahead(self._engine, keys)
@@ -258,8 +245,7 @@ class Store:
             self._maybe_compact()
 
     def __len__(self) -> int:
-        with self._lock:
-            self._check_open()
+        with self._op():
             return self._engine.index.count
 
     def __contains__(self, key) -> bool:
@@ -267,8 +253,7 @@ class Store:
 
     def keys(self) -> np.ndarray:
         """Every key, in log order (the order their rows are stored on disk)."""
-        with self._lock:
-            self._check_open()
+        with self._op():
             keys, addrs = self._engine.index.entries()
         return keys[np.argsort(addrs, kind="stable")]
 
@@ -282,8 +267,7 @@ class Store:
         keys = self.keys()
         for lo in range(0, keys.shape[0], batch):
             chunk = keys[lo:lo + batch]
-            with self._lock:
-                self._check_open()
+            with self._op():
                 out, addrs = ops.read(self._engine, chunk, policy_code=0)
             present = addrs >= 0
             if not present.all():
@@ -291,15 +275,15 @@ class Store:
             yield chunk, out
 
     # ---- durability -----------------------------------------------------------------------
-    def compact(self) -> dict:
+    def compact(self, progress: bool | None = None) -> dict:
         """Reclaim disk: copy live rows out of the oldest segment files, then delete them.
 
         Ends with a checkpoint. Returns ``{"rows_moved", "bytes_freed", "checkpoint_id"}``.
         Segments still partly in memory are kept, so a small store may have nothing to free.
+        ``progress``: draw a progress bar on stderr (default: when stderr is a terminal).
         """
-        with self._lock:
-            self._check_writable()
-            result = compaction.compact(self.path, self._engine)
+        with self._op(write=True):
+            result = compaction.compact(self.path, self._engine, progress)
             if result["checkpoint_id"] is not None:
                 self.checkpoint_id = result["checkpoint_id"]
             self._counts["compactions"] += result["checkpoint_id"] is not None
@@ -310,12 +294,23 @@ class Store:
         if (self.auto_compact and compaction.dead_fraction(eng) > self.auto_compact
                 and (eng.log.head >> self.layout.segment_bits)
                 > (eng.log.begin >> self.layout.segment_bits)):
-            self.compact()
+            self.compact(progress=False)
+
+    def verify(self, progress: bool | None = None) -> dict:
+        """Read every page of the log and check it; check every index entry.
+
+        Reads and never writes; a writer's pages still in memory are checked there. Returns
+        a report: ``ok``, ``pages_checked``, ``damaged_pages`` (each with its ``page``,
+        ``location`` (segment file and byte offset), ``problem`` and damaged record
+        ``slots``) and ``bad_entries`` (keys whose record is not their live row); see
+        :func:`mlkv.engine.verify.verify`. ``progress`` as in :meth:`compact`.
+        """
+        with self._op():
+            return verification.verify(self._engine, progress)
 
     def checkpoint(self) -> int:
         """Make every write so far durable; returns the checkpoint's id."""
-        with self._lock:
-            self._check_writable()
+        with self._op(write=True):
             eng = self._engine
             self.checkpoint_id = checkpoint.save(self.path, eng.log, eng.index, eng.device)
             return self.checkpoint_id
@@ -326,7 +321,7 @@ class Store:
             if self._closed:
                 return
             try:
-                if not self.readonly:
+                if not self.readonly and self._failure is None:
                     self.checkpoint()
             finally:
                 self._closed = True
@@ -342,7 +337,8 @@ class Store:
         self.close()
 
     def __repr__(self):
-        state = "closed" if self._closed else f"{len(self)} rows"
+        state = ("closed" if self._closed else "stopped by a device error" if self._failure
+                 else f"{len(self)} rows")
         return (f"<mlkv.Store {self.path!r} dim={self.dim} dtype={self.dtype.name} "
                 f"{state}>")
 
@@ -355,8 +351,7 @@ class Store:
         traffic; ``resident_bytes`` buffer-pool pages in use plus the index; ``addresses``
         the log markers ``begin <= head <= read_only <= tail``.
         """
-        with self._lock:
-            self._check_open()
+        with self._op():
             eng = self._engine
             return {
                 **self._counts,
@@ -380,14 +375,25 @@ class Store:
             }
 
     # ---- helpers --------------------------------------------------------------------------
-    def _check_open(self):
-        if self._closed:
-            raise ClosedStoreError(f"store at {self.path!r} is closed")
-
-    def _check_writable(self):
-        self._check_open()
-        if self.readonly:
-            raise ReadOnlyError(f"store at {self.path!r} is open read-only")
+    @contextlib.contextmanager
+    def _op(self, write=False):
+        """Hold the store lock for one operation on an open (and, if ``write``, writable)
+        store. A device error stops the store: what is in memory may no longer match the
+        disk, so every later call fails until the store is reopened at its last checkpoint."""
+        with self._lock:
+            if self._closed:
+                raise ClosedStoreError(f"store at {self.path!r} is closed")
+            if self._failure is not None:
+                raise DeviceError(
+                    f"store at {self.path!r} stopped after a device error ({self._failure}); "
+                    f"close and reopen it to return to checkpoint {self.checkpoint_id}")
+            if write and self.readonly:
+                raise ReadOnlyError(f"store at {self.path!r} is open read-only")
+            try:
+                yield self._engine
+            except DeviceError as exc:
+                self._failure = exc
+                raise
 
     def _write_settings(self, policy):
         config.write_json_atomic(os.path.join(self.path, SETTINGS), {

@@ -22,8 +22,10 @@ import zlib
 import numpy as np
 
 from ..config import FORMAT_VERSION, read_json, write_json_atomic
-from ..errors import CorruptionError
+from ..errors import CorruptionError, DeviceError
 from .index import HashIndex
+from .log import HybridLog
+from .ops import Engine
 
 MANIFEST = "manifest.json"
 CHUNK_PAIRS = 1 << 18          # 4 MiB of index file per read or write
@@ -38,15 +40,41 @@ def save(directory: str, log, index: HashIndex, device) -> int:
     device.sync()
     index_name = f"index-{checkpoint_id:06d}.bin"
     index_path = os.path.join(directory, index_name)
-    index_bytes, crc = _write_index(index_path, index)
-    manifest = {"format_version": FORMAT_VERSION, "checkpoint_id": checkpoint_id,
-                "begin": log.begin, "tail": log.tail, "rows": index.count,
-                "index_file": index_name, "index_bytes": index_bytes, "index_crc32": crc}
-    write_json_atomic(os.path.join(directory, MANIFEST), manifest)
-    _fsync_dir(directory)
+    try:
+        index_bytes, crc = _write_index(index_path, index)
+        manifest = {"format_version": FORMAT_VERSION, "checkpoint_id": checkpoint_id,
+                    "begin": log.begin, "tail": log.tail, "rows": index.count,
+                    "index_file": index_name, "index_bytes": index_bytes, "index_crc32": crc}
+        write_json_atomic(os.path.join(directory, MANIFEST), manifest)
+        _fsync_dir(directory)
+    except OSError as exc:
+        raise DeviceError(f"checkpoint {checkpoint_id} of {directory!r} failed: {exc}") from exc
     if old and old["index_file"] != index_name:
         _remove_quietly(os.path.join(directory, old["index_file"]))
     return checkpoint_id
+
+
+def recover(directory: str, layout, dtype, memory_bytes: int, policy, device) -> tuple:
+    """The engine of a store at its last checkpoint (empty without one), and that id.
+
+    Takes ownership of ``device``: it is closed if recovery fails.
+    """
+    try:
+        manifest = load_manifest(directory)
+        index = load_index(directory, manifest) if manifest else HashIndex()
+        log = HybridLog(layout, dtype, memory_bytes, device)
+        if manifest:
+            try:
+                log.restore(manifest["begin"], manifest["tail"])
+            except DeviceError as exc:
+                raise CorruptionError(
+                    f"{os.path.join(directory, MANIFEST)}: its tail {manifest['tail']} lies "
+                    f"past the segment files ({exc})") from exc
+    except BaseException:
+        device.close()
+        raise
+    engine = Engine(layout, dtype, index, log, device, policy)
+    return engine, (manifest["checkpoint_id"] if manifest else 0)
 
 
 def _write_index(path: str, index: HashIndex) -> tuple[int, int]:

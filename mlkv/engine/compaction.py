@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..progress import Progress
 from . import checkpoint, ops
 
 #: index slots scanned at a time, and keys moved per read-and-copy batch: both bound the
@@ -37,12 +38,12 @@ def dead_fraction(eng: ops.Engine) -> float:
     return max(0.0, 1.0 - eng.index.count * eng.layout.record_bytes / log_bytes)
 
 
-def compact(directory: str, eng: ops.Engine) -> dict:
+def compact(directory: str, eng: ops.Engine, progress: bool | None = None) -> dict:
     """Move the live records out of the oldest segments and delete those segments.
 
     Returns ``{"rows_moved", "bytes_freed", "checkpoint_id"}``: ``bytes_freed`` is the size of
     the segment files deleted (the moved rows take new space at the tail). Nothing to do
-    gives zeros and ``checkpoint_id`` None.
+    gives zeros and ``checkpoint_id`` None. ``progress``: see :class:`mlkv.progress.Progress`.
     """
     log, layout = eng.log, eng.layout
     segment_bits = layout.segment_bits
@@ -53,6 +54,7 @@ def compact(directory: str, eng: ops.Engine) -> dict:
     moved = 0
     # Copies to the tail change addresses but never move keys between slots, so the slots
     # can be scanned a chunk at a time while rows move.
+    bar = Progress(eng.index.capacity, "compact", show=progress, unit="index slots")
     for lo in range(0, eng.index.capacity, SLOT_CHUNK):
         addrs = eng.index.slot_addrs[lo:lo + SLOT_CHUNK]
         below = (addrs != 0) & (addrs < cut)
@@ -63,6 +65,8 @@ def compact(directory: str, eng: ops.Engine) -> dict:
         moved += keys.shape[0]
         if ((addrs != 0) & (addrs < cut)).any():
             raise AssertionError(f"compaction left live records below {cut}")
+        bar.update(addrs.shape[0])
+    bar.close()
     eng.counts.update(counts)
     log.move_begin(cut)
     checkpoint_id = checkpoint.save(directory, log, eng.index, eng.device)

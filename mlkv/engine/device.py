@@ -75,11 +75,13 @@ class FileDevice:
     def segment_path(self, segment: int) -> str:
         return os.path.join(self.directory, f"segment-{segment:06d}.log")
 
+    def location(self, address: int) -> str:
+        """Where log ``address`` is stored: its segment file and byte offset (for messages)."""
+        offset = address & ((1 << self.segment_bits) - 1)
+        return f"{self.segment_path(address >> self.segment_bits)} at byte {offset:,}"
+
     def page_location(self, page: int) -> str:
-        """Where ``page`` is stored: its segment file and byte offset, for error messages."""
-        pages_per_segment = 1 << (self.segment_bits - self.page_bits)
-        offset = (page % pages_per_segment) << self.page_bits
-        return f"{self.segment_path(page // pages_per_segment)} at byte {offset}"
+        return self.location(page << self.page_bits)
 
     def segments(self) -> list[int]:
         return [int(s) for s in np.flatnonzero(self._fds >= 0)]
@@ -119,7 +121,7 @@ class FileDevice:
             offset = (page % pages_per_segment) << self.page_bits
             length = take << self.page_bits
             try:
-                written = os.pwritev(fd, pages[:take], offset)
+                written = self._pwritev(fd, pages[:take], offset)
             except OSError as exc:
                 raise DeviceError(f"writing {self.segment_path(segment)}: {exc}") from exc
             if written != length:
@@ -136,15 +138,55 @@ class FileDevice:
         """Read one whole page into ``out`` (an aligned uint8 array of the page size)."""
         pages_per_segment = 1 << (self.segment_bits - self.page_bits)
         fd = self._open(page // pages_per_segment, create=False)
-        got = os.preadv(fd, [out], (page % pages_per_segment) << self.page_bits)
+        try:
+            got = self._preadv(fd, [out], (page % pages_per_segment) << self.page_bits)
+        except OSError as exc:
+            raise DeviceError(f"reading page {page} of {self.page_location(page)}: {exc}") from exc
         if got != out.nbytes:
-            raise DeviceError(f"short read of page {page}: {got} of {out.nbytes} bytes")
+            raise DeviceError(f"short read of page {page} ({self.page_location(page)}): "
+                              f"{got} of {out.nbytes} bytes")
         self.bytes_read += got
+
+    def read_pages(self, first_page: int, out: np.ndarray) -> int:
+        """Read consecutive pages of one segment into ``out`` (aligned, whole pages).
+
+        Returns how many whole pages the segment file holds from ``first_page`` on (0 when
+        the file does not exist): pages never written are not there.
+        """
+        pages_per_segment = 1 << (self.segment_bits - self.page_bits)
+        segment = first_page // pages_per_segment
+        if (first_page + (out.nbytes >> self.page_bits) - 1) // pages_per_segment != segment:
+            raise ValueError("read_pages: the pages must lie in one segment")
+        if not os.path.exists(self.segment_path(segment)):
+            return 0
+        fd = self._open(segment, create=False)
+        offset = (first_page % pages_per_segment) << self.page_bits
+        try:
+            got = self._preadv(fd, [out], offset)
+        except OSError as exc:
+            raise DeviceError(f"reading {self.page_location(first_page)}: {exc}") from exc
+        if not self.direct:
+            os.posix_fadvise(fd, offset, got, os.POSIX_FADV_DONTNEED)
+        self.bytes_read += got
+        return got >> self.page_bits
 
     def sync(self) -> None:
         """Make every write so far durable (fsync each segment)."""
         for s in self.segments():
-            os.fsync(int(self._fds[s]))
+            try:
+                self._fsync(int(self._fds[s]))
+            except OSError as exc:
+                raise DeviceError(f"fsync of {self.segment_path(s)} failed: {exc}") from exc
+
+    # ---- system calls (one place, so a test device can make them fail) ----------------------
+    def _pwritev(self, fd: int, buffers: list, offset: int) -> int:
+        return os.pwritev(fd, buffers, offset)
+
+    def _preadv(self, fd: int, buffers: list, offset: int) -> int:
+        return os.preadv(fd, buffers, offset)
+
+    def _fsync(self, fd: int) -> None:
+        os.fsync(fd)
 
     # ---- reads ---------------------------------------------------------------------------
     def read_records(self, addrs: np.ndarray, record_bytes: int) -> np.ndarray:
@@ -167,8 +209,8 @@ class FileDevice:
         self.bytes_read += sum(results)
         return out
 
-    def _read_part(self, addrs, out, scratch) -> int:
-        got = K.read_records(self._fds, self.segment_bits, addrs, out.shape[1],
+    def _read_part(self, addrs, out, scratch, fds=None) -> int:
+        got = K.read_records(self._fds if fds is None else fds, self.segment_bits, addrs, out.shape[1],
                              self.block_bytes, MAX_RUN_BYTES, scratch, out, not self.direct)
         if got < 0:
             address = int(addrs[-got - 1])

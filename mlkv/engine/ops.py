@@ -100,11 +100,11 @@ def _check_records(eng: Engine, rec_words, addrs, keys) -> None:
     bad = CK.first_bad_record(rec_words, addrs, keys)
     if bad >= 0:
         address = int(addrs[bad])
-        page = address >> eng.layout.page_bits
         raise CorruptionError(
-            f"{eng.device.page_location(page)}: page {page} is damaged: the record of key "
-            f"{int(keys[bad])} at log address {address} fails its checksum. Rows read "
-            f"before it are intact; run `mlkv verify` to list every damaged page")
+            f"{eng.device.location(address)}: the record of key {int(keys[bad])} (log "
+            f"address {address:,}, page {address >> eng.layout.page_bits:,}) is damaged: it "
+            f"fails its checksum or holds another key. No rows were returned; "
+            f"`mlkv verify` lists every damaged page")
 
 
 def upsert(eng: Engine, keys: np.ndarray, values: np.ndarray) -> None:
