@@ -11,6 +11,7 @@ import numpy as np
 from . import config, inputs, lockfile
 from .config import StoreSettings
 from .engine import checkpoint, compaction, ops
+from .engine import _rule_kernels as rules
 from .engine import verify as verification
 from .engine.device import FileDevice
 from .engine.layout import RecordLayout
@@ -143,8 +144,8 @@ class Store:
         except BaseException:
             lockfile.release(self._lock_fd)
             raise
-        self._counts = dict.fromkeys(("gets", "puts", "deletes", "lookaheads", "created",
-                                      "compactions"), 0)
+        self._counts = dict.fromkeys(("gets", "puts", "updates", "deletes", "lookaheads",
+                                      "created", "compactions"), 0)
         self._closed = False
 
     # ---- properties -----------------------------------------------------------------------
@@ -215,6 +216,31 @@ class Store:
             self._counts["gets"] += keys.shape[0]
             self._maybe_compact()
         return out
+
+    def update(self, keys, grads, rule: str, hyper) -> None:
+        """Fused optimizer step: apply update ``rule`` to the rows of ``keys``.
+
+        ``grads`` is ``[n, dim]`` in the store's dtype; gradients of repeated keys are summed
+        first, as torch coalesces a sparse gradient. Absent keys are created with the
+        store's initializer. The rule reads and writes the row and its optimizer state
+        together, in place where the row is mutable. ``rule`` and ``hyper`` (the float64
+        options vector) are described in :mod:`mlkv.engine._rule_kernels`; the store needs
+        at least the rule's ``state_dim``. float16 stores cannot be trained.
+        """
+        keys = inputs.as_keys(keys)
+        grads = inputs.as_values(grads, keys.shape[0], self.dim, self.dtype)
+        code, need, hyper = rules.check_update(rule, hyper, self.dim, self.dtype, self.state_dim)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        if unique.shape[0] < keys.shape[0]:
+            summed = np.zeros((unique.shape[0], self.dim), dtype=self.dtype)
+            np.add.at(summed, inverse, grads)
+            keys, grads = unique, summed
+        s = self.settings
+        with self._op(write=True):
+            ops.update(self._engine, keys, grads, code, need, hyper,
+                       (_INIT_KINDS[s.init], s.init_scale, s.seed))
+            self._counts["updates"] += keys.shape[0]
+            self._maybe_compact()
 
     def contains(self, keys) -> np.ndarray:
         """Boolean ``[n]``: whether each key has a row."""

@@ -246,3 +246,19 @@ def apply(rule_name: str, values: np.ndarray, state: np.ndarray, grads: np.ndarr
         if not arr.flags.writeable:
             raise ValueError(f"{name} must be writeable: the rule updates it in place")
     apply_rules(rule, values, state, grads, hyper)
+
+
+def check_update(rule_name: str, hyper, dim: int, dtype, store_state_dim: int):
+    """Check a store update's rule and options; returns ``(code, rule state_dim, hyper)``."""
+    code = _rule_code(rule_name)
+    if np.dtype(dtype).name not in ("float32", "float64"):
+        raise TypeError(f"update rules need a float32 or float64 store, not {np.dtype(dtype)}")
+    need = state_dim(rule_name, dim)
+    if store_state_dim < need:
+        raise ValueError(f"rule {rule_name!r} keeps {need} state values a row; the store has "
+                         f"state_dim={store_state_dim} (create it with state_dim={need})")
+    hyper = np.ascontiguousarray(hyper, dtype=np.float64)
+    if hyper.shape != (N_HYPER,):
+        raise ValueError(f"hyper must have shape ({N_HYPER},) (see hyper_vector), "
+                         f"got {hyper.shape}")
+    return code, need, hyper

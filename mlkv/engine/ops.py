@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import CorruptionError
 from . import _checksum_kernels as CK
 from . import _log_kernels as K
+from . import _update_kernels as UK
 from .device import FileDevice
 from .index import HashIndex
 from .layout import RecordLayout
@@ -157,3 +158,33 @@ def create_missing(eng: Engine, keys: np.ndarray, init_kind: int, init_scale: fl
 def lookahead(eng: Engine, keys: np.ndarray) -> None:
     """Bring the rows of ``keys`` to the mutable region (absent keys are skipped)."""
     read(eng, keys, want_values=False, policy_code=K.POLICY_SECOND_CHANCE)
+
+
+def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_state_dim: int,
+           hyper: np.ndarray, init) -> None:
+    """Apply an update rule to the rows of unique ``keys`` (see :mod:`._update_kernels`).
+
+    1. The rows are brought into the mutable region (the lookahead path) and absent keys
+       created with ``init = (kind, scale, seed)``, a share of the buffer pool at a time.
+    2. One kernel pass applies the rule in place. A row evicted in between (a batch larger
+       than the pool) sends the loop back to step 1 from there.
+    """
+    log = eng.log
+    # rows brought in per round: a quarter of the pool, so none is evicted before its update
+    chunk = max(1, log.n_frames // 4 * eng.layout.records_per_page)
+
+    def run(pos):
+        return UK.update_rows(
+            eng.index.slot_keys, eng.index.slot_addrs, log.words, log.vals, log.f32, log.dirty,
+            log.geo, log.marks, keys, grads, rule, rule_state_dim, hyper, pos)
+
+    pos, status = run(0)          # training rows were just read: usually all in memory
+    while status != UK.DONE:
+        if status == UK.NO_FRAME:
+            log.make_room()
+        else:                     # COLD or MISSING: bring in (or create) a chunk from here
+            ahead = keys[pos:pos + chunk]
+            create_missing(eng, ahead, *init)
+            lookahead(eng, ahead)
+        pos, status = run(pos)
+    log.shift_read_only()

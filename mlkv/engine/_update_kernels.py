@@ -1,0 +1,57 @@
+"""Numba kernel of the fused read-modify-write: an update rule applied inside the log.
+
+See :mod:`mlkv.engine._log_kernels` for the arrays a kernel takes and the resumable
+protocol, and :mod:`mlkv.engine._rule_kernels` for the rules.
+"""
+
+from .._jit import kernel
+from ._index_kernels import find_slot
+from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
+                           G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, _frame_word, allocate)
+from ._rule_kernels import apply_rule
+
+#: why :func:`update_rows` stopped before the end of the batch
+DONE, NO_FRAME, COLD, MISSING = range(4)
+
+
+@kernel
+def update_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys, grads,
+                rule, rule_state_dim, hyper, start):
+    """Apply the update rule to the rows of ``keys[start:]`` (unique) with ``grads``.
+
+    A row in the mutable region (at or above ``read_only``) is updated in place; a row in
+    memory below it is first copied to the tail (the checkpoint's copy stays untouched).
+    Returns ``(position, status)``: ``DONE`` at the end; ``NO_FRAME`` when the tail needs a
+    page with no free frame; ``COLD`` when ``keys[position]``'s row is on disk only, and
+    ``MISSING`` when it is absent: the caller brings the row in or creates it, and resumes.
+    """
+    words_per_record = geo[G_RECORD_WORDS]
+    dim = geo[G_DIM]
+    value_base = geo[G_VALUE_BASE]
+    values_per_word = geo[G_VALUES_PER_WORD]
+    state_base = geo[G_STATE_BASE]
+    head = marks[M_HEAD]
+    read_only = marks[M_READ_ONLY]
+    for i in range(start, keys.shape[0]):
+        s = find_slot(slot_keys, slot_addrs, keys[i])
+        if s < 0:
+            return i, MISSING
+        a = slot_addrs[s]
+        if a < head:
+            return i, COLD
+        if a < read_only:
+            new = allocate(words, dirty, geo, marks)
+            if new < 0:
+                return i, NO_FRAME
+            f0, w0 = _frame_word(geo, a)
+            f1, w1 = _frame_word(geo, new)
+            words[f1, w1:w1 + words_per_record] = words[f0, w0:w0 + words_per_record]
+            slot_addrs[s] = new
+            a = new
+        f, w = _frame_word(geo, a)
+        v0 = w * values_per_word + value_base
+        s0 = w * 2 + state_base
+        apply_rule(rule, vals[f, v0:v0 + dim], f32[f, s0:s0 + rule_state_dim], grads[i],
+                   hyper)
+        dirty[f] = 1
+    return keys.shape[0], DONE
