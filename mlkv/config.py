@@ -13,10 +13,12 @@ import os
 
 import numpy as np
 
-from .errors import CorruptionError, SettingsMismatchError
+from .errors import CorruptionError, MlkvError, SettingsMismatchError
 
 #: 2: records carry a checksum in their header (version 1 stores had none)
 FORMAT_VERSION = 2
+SETTINGS_FILE = "settings.json"
+DEFAULT_POLICY = "second_chance"
 DTYPES = ("float32", "float16", "float64")
 INITS = ("uniform", "normal", "zeros")
 DEFAULT_MEMORY_BYTES = 256 << 20
@@ -185,3 +187,36 @@ def new_settings(requested: dict, memory_bytes: int) -> StoreSettings:
     if "segment_bits" not in given:
         given["segment_bits"] = max(DEFAULT_SEGMENT_BITS, given["page_bits"])
     return StoreSettings(**given)
+
+
+def resolve(path: str, requested: dict, memory_bytes, policy, readonly: bool):
+    """Settings of the store at ``path`` (checked against ``requested``) or of a new one.
+
+    Returns ``(settings, memory_bytes, policy)``: the budget and policy default to what the
+    store used last (they may change on each open), else to the library defaults.
+    """
+    if memory_bytes is not None:
+        _check_int("memory_bytes", memory_bytes, minimum=1)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"store path {path!r} is a file, not a directory")
+    settings_path = os.path.join(path, SETTINGS_FILE)
+    if os.path.exists(settings_path):
+        saved = read_json(settings_path)
+        settings = StoreSettings.from_json(saved.get("settings", {}), settings_path)
+        settings.check_same(requested, path)
+        return (settings, memory_bytes or saved.get("memory_bytes", DEFAULT_MEMORY_BYTES),
+                policy or saved.get("policy", DEFAULT_POLICY))
+    if readonly:
+        raise FileNotFoundError(f"no mlkv store at {path!r} to open read-only")
+    if requested["dim"] is None:
+        raise ValueError(f"no store at {path!r} yet: pass dim= to create one")
+    if os.path.isdir(path) and set(os.listdir(path)) - {"lock"}:
+        raise MlkvError(f"{path!r} is a non-empty directory that is not an mlkv store")
+    memory_bytes = memory_bytes or DEFAULT_MEMORY_BYTES
+    return new_settings(requested, memory_bytes), memory_bytes, policy or DEFAULT_POLICY
+
+
+def save_settings(path: str, settings: StoreSettings, memory_bytes: int, policy: str) -> None:
+    """Write ``settings.json``: the fixed settings and this open's budget and policy."""
+    write_json_atomic(os.path.join(path, SETTINGS_FILE), {
+        "settings": settings.to_json(), "memory_bytes": memory_bytes, "policy": policy})

@@ -9,16 +9,14 @@ import threading
 import numpy as np
 
 from . import config, inputs, lockfile
-from .config import StoreSettings
 from .engine import checkpoint, compaction, ops
 from .engine import _rule_kernels as rules
 from .engine import verify as verification
 from .engine.device import FileDevice
 from .engine.layout import RecordLayout
-from .engine.policy import DEFAULT_POLICY, CachePolicy
-from .errors import ClosedStoreError, DeviceError, MlkvError, ReadOnlyError
+from .engine.policy import CachePolicy
+from .errors import ClosedStoreError, DeviceError, ReadOnlyError
 
-SETTINGS = "settings.json"
 _INIT_KINDS = {name: i for i, name in enumerate(config.INITS)}
 _MAX_NAMED_MISSING = 10
 DEFAULT_AUTO_COMPACT = 0.5
@@ -97,27 +95,8 @@ class Store:
         self._lock_fd = None
         self._closed = True
         self._failure = None
-        if memory_bytes is not None:
-            config._check_int("memory_bytes", memory_bytes, minimum=1)
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise NotADirectoryError(f"store path {path!r} is a file, not a directory")
-        settings_path = os.path.join(path, SETTINGS)
-        if os.path.exists(settings_path):
-            saved = config.read_json(settings_path)
-            self.settings = StoreSettings.from_json(saved.get("settings", {}), settings_path)
-            self.settings.check_same(requested, path)
-            memory_bytes = memory_bytes or saved.get("memory_bytes", config.DEFAULT_MEMORY_BYTES)
-            policy = policy or saved.get("policy", DEFAULT_POLICY)
-        else:
-            if readonly:
-                raise FileNotFoundError(f"no mlkv store at {path!r} to open read-only")
-            if requested["dim"] is None:
-                raise ValueError(f"no store at {path!r} yet: pass dim= to create one")
-            if os.path.isdir(path) and set(os.listdir(path)) - {"lock"}:
-                raise MlkvError(f"{path!r} is a non-empty directory that is not an mlkv store")
-            memory_bytes = memory_bytes or config.DEFAULT_MEMORY_BYTES
-            policy = policy or DEFAULT_POLICY
-            self.settings = config.new_settings(requested, memory_bytes)
+        self.settings, memory_bytes, policy = config.resolve(path, requested, memory_bytes,
+                                                             policy, readonly)
         # A read-only store never writes, so it cannot copy reads to the tail.
         policy_obj = CachePolicy("fifo" if readonly else policy)
         self._policy_name = policy_obj.name
@@ -139,8 +118,8 @@ class Store:
                 **({} if io_threads is None else {"io_threads": io_threads}))
             self._engine, self.checkpoint_id = checkpoint.recover(
                 path, self.layout, s.np_dtype, self.memory_bytes, policy_obj, device)
-            if not readonly:
-                self._write_settings(policy)        # remember this open's choices
+            if not readonly:                        # remember this open's choices
+                config.save_settings(path, self.settings, self.memory_bytes, policy)
         except BaseException:
             lockfile.release(self._lock_fd)
             raise
@@ -365,8 +344,7 @@ class Store:
     def __repr__(self):
         state = ("closed" if self._closed else "stopped by a device error" if self._failure
                  else f"{len(self)} rows")
-        return (f"<mlkv.Store {self.path!r} dim={self.dim} dtype={self.dtype.name} "
-                f"{state}>")
+        return f"<mlkv.Store {self.path!r} dim={self.dim} dtype={self.dtype.name} {state}>"
 
     # ---- statistics -----------------------------------------------------------------------
     def stats(self) -> dict:
@@ -381,12 +359,9 @@ class Store:
             eng = self._engine
             return {
                 **self._counts,
-                "rows": eng.index.count,
-                "hits": eng.counts["hits"],
-                "misses": eng.counts["misses"],
-                "disk_reads": eng.counts["misses"],
-                "bytes_read": eng.device.bytes_read,
-                "bytes_written": eng.device.bytes_written,
+                "rows": eng.index.count, "hits": eng.counts["hits"],
+                "misses": eng.counts["misses"], "disk_reads": eng.counts["misses"],
+                "bytes_read": eng.device.bytes_read, "bytes_written": eng.device.bytes_written,
                 "resident_bytes": eng.log.resident_bytes + eng.index.nbytes,
                 "buffer_pool_bytes": eng.log.resident_bytes,
                 "index_bytes": eng.index.nbytes,
@@ -420,8 +395,3 @@ class Store:
             except DeviceError as exc:
                 self._failure = exc
                 raise
-
-    def _write_settings(self, policy):
-        config.write_json_atomic(os.path.join(self.path, SETTINGS), {
-            "settings": self.settings.to_json(), "memory_bytes": self.memory_bytes,
-            "policy": policy})

@@ -39,7 +39,6 @@ POLICIES = {
     "frequency": PolicySpec(K.POLICY_FREQUENCY, FREQUENCY_COUNTER_BITS,
                             "copy rows read at least twice recently"),
 }
-DEFAULT_POLICY = "second_chance"
 
 
 class CachePolicy:
