@@ -37,6 +37,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import mlkv
+from mlkv.engine import _rule_kernels as RULES
 
 EXAMPLES = int(os.environ.get("MLKV_HYPOTHESIS_EXAMPLES", "300"))
 STEPS = int(os.environ.get("MLKV_HYPOTHESIS_STEPS", "30"))
@@ -80,6 +81,8 @@ class StoreVsDict(RuleBasedStateMachine):
         self.store = None
         self.twin = None
         self.model: dict[int, np.ndarray] = {}
+        self.state: dict[int, np.ndarray] = {}       # optimizer state, where not zeros
+        self.update_step = 0
         self.init_rows: dict[int, np.ndarray] = {}   # rows get_or_init created, by key
         self.durable: dict[int, np.ndarray] = {}     # the model at the last checkpoint
         self.steps = 0
@@ -91,7 +94,7 @@ class StoreVsDict(RuleBasedStateMachine):
 
     @initialize(
         data=st.data(),
-        state_dim=st.sampled_from([0, 3]),
+        state_dim=st.sampled_from([0, 3, 40]),   # 40: adagrad and adam for dims up to 20
         frames=st.integers(4, 8),
         policy=st.sampled_from(POLICIES),
         init=st.sampled_from(["uniform", "normal", "zeros"]),
@@ -107,6 +110,8 @@ class StoreVsDict(RuleBasedStateMachine):
                    io_threads, direct_io, segment_bits, auto_compact):
         dtype = data.draw(st.sampled_from(self.DTYPES), label="dtype")
         dim = data.draw(st.sampled_from(DIMS[dtype]), label="dim")
+        if records_per_page(dtype, dim, state_dim) < 1:     # the widest rows: less state
+            state_dim = 3
         self.tmp = tempfile.mkdtemp(prefix="mlkv-model-")
         self.path = os.path.join(self.tmp, "store")
         self.dtype, self.dim, self.state_dim = np.dtype(dtype), dim, state_dim
@@ -214,8 +219,9 @@ class StoreVsDict(RuleBasedStateMachine):
         else:
             keys_arg, values_arg = keys, values
         self.store.put(keys_arg, values_arg)
-        for i, k in enumerate(keys.tolist()):     # last write wins
+        for i, k in enumerate(keys.tolist()):     # last write wins; state reset to zeros
             self.model[k] = cast[i].copy()
+            self.state.pop(k, None)
 
     @rule(data=st.data())
     def get_present(self, data):
@@ -278,12 +284,7 @@ class StoreVsDict(RuleBasedStateMachine):
             if k in self.init_rows:
                 np.testing.assert_array_equal(row, self.init_rows[k], err_msg=f"key {k}")
             self.init_rows[k] = row
-        if self.twin is None:
-            self.twin = mlkv.open(os.path.join(self.tmp, "twin"), dim=self.dim,
-                                  dtype=self.dtype.name, state_dim=self.state_dim,
-                                  init=self.init, init_scale=self.init_scale, seed=self.seed,
-                                  memory_bytes=4 << 20, policy="fifo")
-        np.testing.assert_array_equal(self.twin.get_or_init(new_keys), new_rows)
+        np.testing.assert_array_equal(self.init_twin().get_or_init(new_keys), new_rows)
         if self.init != "zeros" and self.dim >= 3:
             # rows of different keys differ (the key goes into the stream)
             assert np.unique(new_rows, axis=0).shape[0] == new_rows.shape[0]
@@ -311,6 +312,55 @@ class StoreVsDict(RuleBasedStateMachine):
         assert self.store.delete(keys) == expected
         for k in keys.tolist():
             self.model.pop(k, None)
+            self.state.pop(k, None)
+
+    @rule(data=st.data(), rule_name=st.sampled_from(sorted(RULES.RULES)))
+    def update(self, data, rule_name):
+        """The fused optimizer step against the rule applied to the model's rows and state
+        (repeated keys summed first; absent keys created by the initializer first)."""
+        keys = self.pool_keys(data)
+        rng = self.rng(data.draw(st.integers(0, 2**32 - 1), label="grads seed"))
+        grads = rng.standard_normal((keys.shape[0], self.dim))
+        self.update_step += 1
+        hyper = RULES.hyper_vector(rule_name, lr=0.1, step=self.update_step)
+        need = RULES.state_dim(rule_name, self.dim)
+        if self.dtype == np.float16:
+            with pytest.raises(TypeError, match="float16"):
+                self.store.update(keys, grads, rule_name, hyper)
+            return
+        if need > self.state_dim:
+            with pytest.raises(ValueError, match="state_dim"):
+                self.store.update(keys, grads, rule_name, hyper)
+            return
+        self.store.update(keys, grads.tolist() if keys.shape[0] % 3 == 1 else grads,
+                          rule_name, hyper)
+        grads = grads.astype(self.dtype)
+        unique, inverse = np.unique(keys, return_inverse=True)
+        if unique.shape[0] == 0:
+            return
+        summed = np.zeros((unique.shape[0], self.dim), dtype=self.dtype)
+        np.add.at(summed, inverse, grads)
+        absent = unique[[k not in self.model for k in unique.tolist()]]
+        if absent.shape[0]:
+            self.model.update(zip(absent.tolist(), self.init_twin().get_or_init(absent)))
+        rows = self.expected_rows(unique)
+        zeros = np.zeros(self.state_dim, dtype=np.float32)
+        state = np.stack([self.state.get(k, zeros) for k in unique.tolist()])
+        rule_state = np.ascontiguousarray(state[:, :need])
+        RULES.apply(rule_name, rows, rule_state, summed, hyper)
+        state[:, :need] = rule_state
+        for i, k in enumerate(unique.tolist()):
+            self.model[k] = rows[i].copy()
+            self.state[k] = state[i].copy()
+
+    def init_twin(self):
+        """A second store with the same initializer: the rows get_or_init creates."""
+        if self.twin is None:
+            self.twin = mlkv.open(os.path.join(self.tmp, "twin"), dim=self.dim,
+                                  dtype=self.dtype.name, state_dim=self.state_dim,
+                                  init=self.init, init_scale=self.init_scale, seed=self.seed,
+                                  memory_bytes=4 << 20, policy="fifo")
+        return self.twin
 
     @rule(data=st.data())
     def lookahead(self, data):
@@ -328,6 +378,8 @@ class StoreVsDict(RuleBasedStateMachine):
             before = self.store.checkpoint_id
             assert self.store.checkpoint() > before
             self.durable = dict(self.model)
+            report = self.store.verify(progress=False)      # every page and index entry
+            assert report["ok"] and report["pages_checked"] > 0, report
             return
         self.store.close()
         self.store = None
