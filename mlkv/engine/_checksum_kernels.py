@@ -73,7 +73,9 @@ def seal_pages(words, page_bits, record_words, first_page, stop_page):
 def check_page(page, first_address, record_words, n_records, bad):
     """Damaged slots among the first ``n_records`` of one page (int64 view).
 
-    Writes their slot numbers to ``bad`` and returns how many there are.
+    Writes their slot numbers to ``bad`` and returns how many there are. When every slot of
+    the page is checked, the padding after the last one must be zeros too; damage there is
+    reported as slot number ``records_per_page``. ``bad`` holds ``records_per_page + 1``.
     """
     n_bad = 0
     for r in range(n_records):
@@ -91,6 +93,13 @@ def check_page(page, first_address, record_words, n_records, bad):
         if not sound:
             bad[n_bad] = r
             n_bad += 1
+    per_page = page.shape[0] // record_words
+    if n_records == per_page:
+        for k in range(per_page * record_words, page.shape[0]):
+            if page[k] != 0:
+                bad[n_bad] = per_page
+                n_bad += 1
+                break
     return n_bad
 
 

@@ -184,7 +184,7 @@ class HybridLog:
             frame = self.frames[tail_page % self.n_frames]
             self.device.read_page(tail_page, frame)
             n_records = (tail & (self.layout.page_bytes - 1)) // self.layout.record_bytes
-            bad = np.empty(n_records, dtype=np.int64)
+            bad = np.empty(self.layout.records_per_page + 1, dtype=np.int64)
             if CK.check_page(frame.view(np.int64), tail_page << page_bits,
                              self.layout.record_bytes // 8, n_records, bad):
                 raise CorruptionError(

@@ -31,7 +31,8 @@ def verify(eng, progress: bool | None = None) -> dict:
 
     Returns a report: ``ok``; ``pages_checked``; ``damaged_pages``, a list of
     ``{"page", "location", "problem", "slots"}`` (``problem`` is ``"checksum"`` or
-    ``"missing"``; ``slots`` the damaged record slots); ``bad_entries``, a list of
+    ``"missing"``; ``slots`` the damaged record slots, ``records_per_page`` standing for the
+    padding after the last one); ``bad_entries``, a list of
     ``{"key", "address"}`` whose record is not the key's live row; ``n_damaged_pages`` and
     ``n_bad_entries`` (the lists stop at 1000).
     """
@@ -49,7 +50,7 @@ def verify(eng, progress: bool | None = None) -> dict:
               "n_damaged_pages": 0, "n_bad_entries": 0}
     chunk_pages = max(1, READ_BYTES // page_bytes)
     buf = aligned_empty(chunk_pages * page_bytes)
-    bad = np.empty(layout.records_per_page, dtype=np.int64)
+    bad = np.empty(layout.records_per_page + 1, dtype=np.int64)
     with Progress(stop - first, "verify", show=progress) as bar:
         page = first
         while page < stop:
