@@ -381,10 +381,6 @@ def test_short_page_reads_in_verify_are_reported_not_hidden(tmp_path, use_device
         store.close()
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason=(
-    "FileDevice.write_pages calls os.fdatasync (buffered I/O) outside its try block and not "
-    "through _fsync: a failure escapes as a bare OSError, not a DeviceError, and the store "
-    "is not stopped, so a later checkpoint commits pages the kernel may have dropped"))
 def test_fdatasync_failure_in_a_buffered_eviction_stops_the_store(tmp_path, use_device, monkeypatch):
     path = str(tmp_path / "store")
     store = open_store(path, direct=False)

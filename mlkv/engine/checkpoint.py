@@ -67,6 +67,8 @@ def recover(directory: str, layout, dtype, memory_bytes: int, policy, device) ->
             try:
                 log.restore(manifest["begin"], manifest["tail"])
             except DeviceError as exc:
+                if _holds(device, manifest["tail"]):
+                    raise                       # the file is there: an I/O error, not damage
                 raise CorruptionError(
                     f"{os.path.join(directory, MANIFEST)}: its tail {manifest['tail']} lies "
                     f"past the segment files ({exc})") from exc
@@ -75,6 +77,14 @@ def recover(directory: str, layout, dtype, memory_bytes: int, policy, device) ->
         raise
     engine = Engine(layout, dtype, index, log, device, policy)
     return engine, (manifest["checkpoint_id"] if manifest else 0)
+
+
+def _holds(device, tail: int) -> bool:
+    """Whether the segment file of the log's tail page is long enough to hold that page."""
+    path = device.segment_path(tail >> device.segment_bits)
+    page_end = ((tail >> device.page_bits) + 1) << device.page_bits
+    needed = page_end - (tail >> device.segment_bits << device.segment_bits)
+    return os.path.exists(path) and os.path.getsize(path) >= needed
 
 
 def _write_index(path: str, index: HashIndex) -> tuple[int, int]:

@@ -18,6 +18,7 @@ keeps many reads in flight instead of waiting on the disk one row at a time.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 
 import numpy as np
@@ -122,14 +123,15 @@ class FileDevice:
             length = take << self.page_bits
             try:
                 written = self._pwritev(fd, pages[:take], offset)
+                if written == length and not self.direct:
+                    # written pages leave the page cache: flush them, then drop them
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
             except OSError as exc:
                 raise DeviceError(f"writing {self.segment_path(segment)}: {exc}") from exc
             if written != length:
                 raise DeviceError(f"short write to {self.segment_path(segment)}: "
                                   f"{written} of {length} bytes")
-            if not self.direct:
-                os.fdatasync(fd)
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
             self.bytes_written += length
             pages = pages[take:]
             page += take
@@ -249,7 +251,8 @@ class FileDevice:
 
 def _direct_block_bytes(directory: str) -> int:
     """The smallest read size O_DIRECT accepts in ``directory`` (512 or 4096), 0 if none."""
-    probe = os.path.join(directory, ".direct-probe")
+    # a name of its own: several processes may open one store at once
+    probe = os.path.join(directory, f".direct-probe-{os.getpid()}-{os.urandom(6).hex()}")
     try:
         fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_DIRECT, 0o644)
     except OSError:
@@ -270,4 +273,5 @@ def _direct_block_bytes(directory: str) -> int:
         return 0
     finally:
         os.close(fd)
-        os.unlink(probe)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
