@@ -449,3 +449,39 @@ def test_clean_close_counts_as_checkpoint(tmp_path):
                                             state_id, p_checkpoint=0.0)
     assert how == "old" and state_id2 == 1 and state2 is state
     check_store(path, state, 1, False, cfg["dim"], cfg["dtype"], set())
+
+
+TAIL_PAGE_CHILD = """
+import os, sys
+import numpy as np
+import mlkv
+from mlkv.engine import _rule_kernels as R
+s = mlkv.open(sys.argv[1], dim=4, state_dim=4, page_bits=12, memory_bytes=16 * 4096)
+s.put(np.arange(10), np.ones((10, 4)))
+s.checkpoint()
+# after the checkpoint: updates give rows of the tail page non-zero state, and the page
+# reaches the disk (as an eviction or a later flush would write it) before the crash
+s.update(np.arange(10), np.full((10, 4), 3.0), "adagrad", R.hyper_vector("adagrad", 0.1))
+s.engine.log.flush()
+os._exit(0)
+"""
+
+
+def test_new_rows_after_a_crash_start_from_zero_state(tmp_path):
+    """A crash after the checkpoint may leave later records in the checkpoint's tail page on
+    disk. Reopened, rows appended there must start with zero optimizer state, as on a fresh
+    page: an adagrad step from a new row gives the reference numbers for a zero accumulator."""
+    from mlkv.engine import _rule_kernels as R
+    path = str(tmp_path / "s")
+    subprocess.run([sys.executable, "-c", TAIL_PAGE_CHILD, path], check=True, timeout=120)
+    with mlkv.open(path) as s:
+        keys = np.arange(100, 110)
+        s.put(keys, np.ones((10, 4)))            # appended where the lost records were
+        grads = np.full((10, 4), 2.0, np.float32)
+        hyper = R.hyper_vector("adagrad", 0.1)
+        s.update(keys, grads, "adagrad", hyper)
+        rows, state = np.ones((10, 4), np.float32), np.zeros((10, 4), np.float32)
+        R.apply("adagrad", rows, state, grads, hyper)
+        np.testing.assert_array_equal(s.get(keys), rows)
+        np.testing.assert_array_equal(s.get(np.arange(10)), np.ones((10, 4)))
+        assert s.verify(progress=False)["ok"]
