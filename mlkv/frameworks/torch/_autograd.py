@@ -1,0 +1,78 @@
+"""The autograd link between a lookup and the store: rows in, coalesced gradients out.
+
+A lookup reads the rows of the batch's *unique* ids into a small local table ``W``
+(``[n_unique, dim]``) through :class:`StoreRows`, then runs ``F.embedding`` or
+``F.embedding_bag`` on the inverse indices. torch's own backward of those functions sums the
+gradient of every occurrence of an id into its row of ``W``, which is exactly the coalesced
+sparse gradient (``Tensor.coalesce()``) a sparse ``nn.Embedding`` hands its optimizer; the
+backward of :class:`StoreRows` passes it to the module, which applies it in the store.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class StoreRows(torch.autograd.Function):
+    """``W = rows`` with a backward that hands ``dL/dW`` to ``module._receive_grad``.
+
+    ``anchor`` is an empty tensor that requires grad: it makes autograd record the node (the
+    rows come from the store, not from a tensor of the graph). Its gradient is None.
+    """
+
+    @staticmethod
+    def forward(ctx, anchor, module, unique_ids, rows, local_pad):
+        ctx.module, ctx.unique_ids, ctx.local_pad = module, unique_ids, local_pad
+        return torch.from_numpy(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.module._receive_grad(ctx.unique_ids, grad, ctx.local_pad)
+        return None, None, None, None, None
+
+
+def lookup_table(module, ids: torch.Tensor):
+    """Read the rows of ``ids``'s unique values through ``module``.
+
+    Returns ``(W, inverse, local_pad)``: ``W`` the ``[n_unique, dim]`` rows on ``ids.device``
+    (requiring grad when grad mode is on), ``inverse`` the positions of ``ids`` in ``W`` with
+    ``ids``'s shape and device, ``local_pad`` the row of ``module.padding_idx`` in ``W`` (or
+    None when that id is not in the batch).
+    """
+    flat = ids.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
+    unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+    unique_ids = unique.numpy()
+    rows = module._read_rows(unique_ids)
+    local_pad = None
+    if module.padding_idx is not None:
+        pos = int(np.searchsorted(unique_ids, module.padding_idx))
+        if pos < unique_ids.shape[0] and unique_ids[pos] == module.padding_idx:
+            local_pad = pos
+    if torch.is_grad_enabled():
+        anchor = torch.empty(0, requires_grad=True)
+        table = StoreRows.apply(anchor, module, unique_ids, rows, local_pad)
+    else:
+        table = torch.from_numpy(rows)
+    return (table.to(ids.device), inverse.reshape(ids.shape).to(ids.device), local_pad)
+
+
+def check_ids(ids, what: str = "ids") -> None:
+    """Refuse what ``nn.Embedding`` refuses: non-tensors and non-integer (Long/Int) tensors."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor of int64 or int32, got "
+                        f"{type(ids).__name__}")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{what} must be a LongTensor or IntTensor (int64 or int32), got "
+                        f"dtype {ids.dtype}")
+
+
+def coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique ``ids`` and the sum of their gradient rows, in the gradients' dtype."""
+    unique, inverse = np.unique(ids, return_inverse=True)
+    if unique.shape[0] == ids.shape[0]:
+        order = np.argsort(ids, kind="stable")
+        return ids[order], np.ascontiguousarray(grads[order])
+    summed = np.zeros((unique.shape[0], grads.shape[1]), dtype=grads.dtype)
+    np.add.at(summed, inverse, grads)
+    return unique, summed

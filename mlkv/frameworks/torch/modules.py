@@ -1,0 +1,398 @@
+"""``KVEmbedding`` and ``KVEmbeddingBag``: ``nn.Embedding`` / ``nn.EmbeddingBag`` over an mlkv store.
+
+The table lives in a store (rows and optimizer state side by side, larger than memory); the
+module has no ``nn.Parameter`` for it. The table trains itself: backward sums the gradient of
+each unique id (as a sparse gradient is coalesced) and runs the module's update rule on those
+rows inside the store. Train the rest of the model with any torch optimizer over
+``model.parameters()`` as usual (the table is not among them)::
+
+    emb = KVEmbedding(64, path="runs/emb", optimizer="adagrad", lr=0.05)
+    opt = torch.optim.Adam(head.parameters())          # everything but the table
+    loss = loss_fn(head(emb(ids)), y)
+    loss.backward()                                     # also updates the rows of ids
+    opt.step(); opt.zero_grad()
+
+Decisions
+---------
+*Numbers.* ``optimizer`` is ``sgd``, ``adagrad``, ``rowwise_adagrad`` or ``adam`` with
+torch's options; sgd, adagrad and adam give the numbers of ``torch.optim.SGD`` /
+``Adagrad`` / ``SparseAdam`` on a sparse ``nn.Embedding`` (see
+:mod:`mlkv.engine._rule_kernels`). Options torch refuses for sparse gradients are refused.
+The step count ``t`` of adagrad's ``lr_decay`` and adam's bias correction counts the module's
+optimizer steps, as torch counts them per parameter tensor.
+
+*Fused or deferred.* ``fused=True`` (default): each backward that reaches the module is one
+optimizer step, applied before backward returns. A module called twice before one backward
+then takes two steps where torch takes one (the same numbers for sgd, not for adagrad and
+adam): call it once per step (concatenate the ids) or use ``fused=False``. ``fused=False``:
+backward adds the coalesced gradient to a pending sum; ``emb.step()`` applies it as one step
+and clears it, ``emb.zero_grad()`` drops it (``model.zero_grad()`` and torch optimizers do
+not reach it). The pending gradient is not part of ``state_dict``.
+
+*Unseen ids* are created by the store's initializer on first read (``get_or_init``), in
+training and in eval alike: a row depends only on (id, ``seed``), so the numbers do not depend
+on when a row was first seen. Ids are any int64 (negative too); there is no ``num_embeddings``.
+
+*padding_idx* mirrors ``nn.Embedding``: that id's row is created as zeros (not by the
+initializer), read like any row, and never updated (it gets no gradient, no optimizer state
+change, and is excluded from bags by ``KVEmbeddingBag``). It is an id, not an index from the
+end: a negative ``padding_idx`` is that negative id.
+
+*Devices.* The store is on the CPU. ids may be on any device: the store sees ``ids.cpu()``
+and the rows come back on ``ids.device`` (one copy each way of the batch's unique rows).
+
+*dtype* is the store's: float32 (default) or float64; float16 stores cannot be trained.
+
+*state_dict by reference.* ``state_dict()`` does not copy the table. It makes the store
+durable (``store.checkpoint()``, skipped when the rows have not changed since the last one) and
+saves, under ``<prefix>_extra_state``, a dict of strings, ints and floats: the store's path,
+the checkpoint's fingerprint (id, log markers, row count, index CRC), ``dim``, ``dtype``,
+``optimizer`` and its options, and the step count, so ``torch.load(..., weights_only=True)``
+reads it. ``load_state_dict`` checks ``dim``, ``dtype`` and ``optimizer`` (a difference
+raises :class:`~mlkv.SettingsMismatchError`), takes the options and the step count (as a
+torch optimizer's ``load_state_dict`` does), and finds the saved rows:
+
+1. The module's store is at the saved path: its last checkpoint must hold the saved rows
+   (the saved checkpoint, or a later one taken with no write in between). Writes made since
+   are discarded by reopening the store at that checkpoint (only a store the module opened;
+   one passed with ``store=`` raises instead). A store keeps only its last checkpoint: once
+   one is taken after further writes, the saved rows are gone and loading raises
+   :class:`~mlkv.MlkvError` (copy the directory after ``state_dict()`` to keep them).
+2. Otherwise, if the store at the saved path is at the saved checkpoint, the module reopens
+   it there (closing its own store if it opened it); a writer holding that store makes this
+   raise :class:`~mlkv.StoreLockedError`.
+3. Otherwise the module's own store is accepted if its last checkpoint has the saved
+   fingerprint: a copy of the directory made while that checkpoint was the last one (the
+   original has moved on or gone). A different store with the same fingerprint is not told
+   apart; the original path, while it holds the checkpoint, always wins.
+4. Anything else raises :class:`~mlkv.MlkvError` naming what was found.
+
+*Lifetime.* ``path=None`` makes a store in a new temporary directory, removed (without a
+checkpoint) at ``close()`` or when the module is garbage-collected; its ``state_dict`` is
+loadable only while the module lives. A store the module opened is closed at ``close()``, on
+leaving a ``with`` block, at garbage collection or at interpreter exit, with a checkpoint if
+its rows changed since the last one (otherwise without, so the checkpoint a saved state names
+stays the last). A store passed with ``store=`` is left open for its owner to close.
+
+*Pipeline hooks* (:mod:`mlkv.frameworks.torch.pipeline`): ``_read_gate(module, unique_ids)``
+is called before every store read with the sorted unique int64 ids about to be read;
+``_update_sink(module, unique_ids, grads, step)``, when set, receives each step's coalesced
+update instead of the module applying it with ``_apply_update(unique_ids, grads, step)``,
+which may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlkv
+from mlkv.engine._rule_kernels import hyper_vector
+
+from . import _state
+from ._autograd import check_ids, coalesce, lookup_table
+
+_CHUNK = 1 << 16          # rows per store call in to_dense / from_dense
+
+
+class KVEmbedding(nn.Module):
+    """An embedding table in an mlkv store, trained by its own sparse optimizer.
+
+    Parameters
+    ----------
+    dim : int
+        Values per row.
+    path : str or os.PathLike, optional
+        The store's directory (created or reopened). None: a temporary directory, removed at
+        :meth:`close` or garbage collection.
+    optimizer : {"sgd", "adagrad", "rowwise_adagrad", "adam"}
+        The update rule run in the store.
+    lr, eps, betas, weight_decay, lr_decay
+        Its options, as torch's optimizers take them (``eps=None``: the rule's default;
+        ``weight_decay`` only for rowwise_adagrad, ``lr_decay`` for (rowwise_)adagrad).
+        Plain attributes: assign ``emb.lr`` to schedule the learning rate.
+    memory_bytes : int, optional
+        The store's buffer-pool budget (default: the store's, 256 MiB for a new one).
+    padding_idx : int, optional
+        An id whose row is created as zeros and never updated (see the module docstring).
+    dtype : torch.dtype or str, optional
+        float32 or float64; default float32 for a new store, the store's when reopening.
+    init, init_scale, seed : optional
+        The store's initializer for unseen ids (new store defaults: ``"uniform"``, 0.01, 0).
+    fused : bool
+        Apply each backward's update at once (True) or on :meth:`step` (False).
+    store : mlkv.Store, optional
+        Wrap this open store instead of opening ``path`` (it stays the caller's to close).
+    **store_options
+        Further :func:`mlkv.open` options (``policy``, ``page_bits``, ``io_threads``, ...).
+
+    Raises
+    ------
+    ValueError
+        For an unknown optimizer or an option torch refuses for it.
+    SettingsMismatchError
+        When the store was made with another ``dim``, ``dtype`` or optimizer state size.
+    """
+
+    def __init__(self, dim, path=None, optimizer="sgd", lr=0.01, memory_bytes=None,
+                 padding_idx=None, dtype=None, init=None, init_scale=None, seed=None, eps=None,
+                 betas=(0.9, 0.999), weight_decay=0.0, lr_decay=0.0, fused=True, store=None,
+                 **store_options):
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(
+                padding_idx, (int, np.integer)) or not -2**63 <= padding_idx < 2**63):
+            raise ValueError(f"padding_idx must be None or an int64 id, got {padding_idx!r}")
+        self.dim, self.optimizer = int(dim), optimizer
+        self.lr, self.eps = float(lr), None if eps is None else float(eps)
+        self.betas = tuple(float(b) for b in betas)
+        self.weight_decay, self.lr_decay = float(weight_decay), float(lr_decay)
+        self._hyper(1)                                  # check the rule and its options now
+        self.padding_idx = None if padding_idx is None else int(padding_idx)
+        self.fused = bool(fused)
+        self._read_gate = self._update_sink = None
+        self._step, self._pending, self._grad_lock = 0, [], threading.Lock()
+        self._open_options = dict(memory_bytes=memory_bytes, init=init, init_scale=init_scale,
+                                  seed=seed, **store_options)
+        _state.attach(self, path, store, dtype)
+
+    # ---- the store ------------------------------------------------------------------------
+    @property
+    def store(self) -> mlkv.Store:
+        """The :class:`mlkv.Store` holding the rows and their optimizer state."""
+        return self._held.store
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The rows' dtype (the store's)."""
+        return _state.TORCH_DTYPES[self.dtype_name]
+
+    def close(self) -> None:
+        """Close the store if the module opened it (a temporary one is removed). Idempotent."""
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def extra_repr(self) -> str:
+        pad = "" if self.padding_idx is None else f", padding_idx={self.padding_idx}"
+        return (f"{self.dim}, optimizer={self.optimizer!r}, lr={self.lr:g}{pad}, "
+                f"dtype={self.dtype_name}, path={self.store.path!r}")
+
+    # ---- lookup ---------------------------------------------------------------------------
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of ``ids``; unseen ids are created by the store's initializer.
+
+        Parameters
+        ----------
+        ids : torch.Tensor
+            int64 or int32 ids, any shape, any device.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(*ids.shape, dim)`` on ``ids.device``, requiring grad when grad mode is on.
+        """
+        check_ids(ids)
+        table, inverse, local_pad = lookup_table(self, ids)
+        return F.embedding(inverse, table, padding_idx=local_pad)
+
+    def _read_rows(self, unique_ids: np.ndarray) -> np.ndarray:
+        """Rows of sorted unique ids; the read gate first, unseen ids created."""
+        if self._read_gate is not None:
+            self._read_gate(self, unique_ids)
+        store, pad = self.store, self.padding_idx
+        if store.readonly:
+            return store.get(unique_ids)
+        if pad is not None:
+            pos = np.searchsorted(unique_ids, pad)
+            if pos < unique_ids.shape[0] and unique_ids[pos] == pad and pad not in store:
+                store.put([pad], np.zeros((1, self.dim), dtype=store.dtype))
+        return store.get_or_init(unique_ids)
+
+    # ---- updates --------------------------------------------------------------------------
+    def _hyper(self, step: int) -> np.ndarray:
+        return hyper_vector(self.optimizer, self.lr, self.eps, self.betas, self.weight_decay,
+                            self.lr_decay, step)
+
+    def _receive_grad(self, unique_ids, grad, local_pad):
+        """Backward of a lookup: ``grad`` is the coalesced gradient of ``unique_ids``' rows."""
+        g = grad.detach().cpu().numpy()
+        if local_pad is not None:
+            keep = np.ones(unique_ids.shape[0], dtype=bool)
+            keep[local_pad] = False
+            unique_ids, g = unique_ids[keep], g[keep]
+        g = np.array(g, dtype=self.store.dtype, order="C", copy=True)
+        with self._grad_lock:
+            if not self.fused:
+                self._pending.append((unique_ids, g))
+                return
+            self._step += 1
+            step = self._step
+        self._dispatch(unique_ids, g, step)
+
+    def _dispatch(self, unique_ids, grads, step):
+        sink = self._update_sink
+        if sink is not None:
+            sink(self, unique_ids, grads, step)
+        else:
+            self._apply_update(unique_ids, grads, step)
+
+    def _apply_update(self, unique_ids: np.ndarray, grads: np.ndarray, step: int) -> None:
+        """Run the update rule with step count ``step`` on these rows (any thread)."""
+        if unique_ids.shape[0]:
+            self.store.update(unique_ids, grads, self.optimizer, self._hyper(step))
+
+    def step(self) -> None:
+        """``fused=False``: apply the gradient summed since the last step as one optimizer
+        step, and clear it. Does nothing when no backward reached the module."""
+        with self._grad_lock:
+            pending, self._pending = self._pending, []
+            if not pending:
+                return
+            self._step += 1
+            step = self._step
+        ids, grads = coalesce(np.concatenate([p[0] for p in pending]),
+                              np.concatenate([p[1] for p in pending]))
+        self._dispatch(ids, grads, step)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop the gradient pending for :meth:`step` (``fused=False``) without applying it."""
+        super().zero_grad(set_to_none)
+        with self._grad_lock:
+            self._pending = []
+
+    # ---- dense tables ---------------------------------------------------------------------
+    def to_dense(self, num: int | None = None) -> torch.Tensor:
+        """Rows ``0 .. num-1`` as a dense table (for ``nn.Embedding.from_pretrained``).
+
+        Parameters
+        ----------
+        num : int, optional
+            Rows to return; default the largest id in the store + 1.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[num, dim]`` on the CPU, in the module's dtype. Ids without a row read as zeros
+            (they are not created; a lookup would create them with the initializer). The read
+            does not disturb the store's cache.
+        """
+        if num is None:
+            keys = self.store.keys()
+            num = int(keys.max()) + 1 if keys.shape[0] and keys.max() >= 0 else 0
+        if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 0:
+            raise ValueError(f"num must be an int >= 0, got {num!r}")
+        out = np.zeros((int(num), self.dim), dtype=self.store.dtype)
+        for keys, values in self.store.items(batch=_CHUNK):
+            inside = (keys >= 0) & (keys < num)
+            out[keys[inside]] = values[inside]
+        return torch.from_numpy(out)
+
+    def from_dense(self, weight) -> None:
+        """Put rows ``0 .. n-1`` of a dense table into the store.
+
+        Parameters
+        ----------
+        weight : torch.Tensor, numpy.ndarray, nn.Embedding or nn.EmbeddingBag
+            ``[n, dim]`` rows (a module's ``weight``). Their optimizer state is reset to zeros,
+            as for fresh rows; other rows and the step count are kept.
+        """
+        if isinstance(weight, (nn.Embedding, nn.EmbeddingBag)):
+            weight = weight.weight
+        if isinstance(weight, torch.Tensor):
+            weight = weight.detach().cpu().numpy()
+        weight = np.asarray(weight)
+        if weight.ndim != 2 or weight.shape[1] != self.dim:
+            raise ValueError(f"weight must be [n, {self.dim}], got shape {weight.shape}")
+        for lo in range(0, weight.shape[0], _CHUNK):
+            hi = min(lo + _CHUNK, weight.shape[0])
+            self.store.put(np.arange(lo, hi, dtype=np.int64), weight[lo:hi])
+
+    # ---- state_dict -----------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """The module's state by reference (see the module docstring); checkpoints the store."""
+        return _state.save(self)
+
+    def set_extra_state(self, state) -> None:
+        """Load a state saved by :meth:`get_extra_state` (through ``load_state_dict``)."""
+        ref = _state.check_state(self, state)
+        options = {k: state.get(k) for k in _state.OPTIONS}
+        options["eps"] = None if options["eps"] is None else float(options["eps"])
+        hyper_vector(self.optimizer, step=max(1, state["step"]), **options)   # check first
+        _state.load(self, state["path"], ref)
+        for name, value in options.items():
+            setattr(self, name, tuple(value) if name == "betas" else value)
+        self._step = state["step"]
+
+
+class KVEmbeddingBag(KVEmbedding):
+    """Sums or means of bags of rows, as ``nn.EmbeddingBag``, over an mlkv store.
+
+    Parameters
+    ----------
+    dim, path
+        As :class:`KVEmbedding`.
+    mode : {"sum", "mean"}
+        How a bag's rows are reduced (``"max"`` is not offered: torch has no sparse gradient
+        for it).
+    include_last_offset : bool
+        As ``nn.EmbeddingBag``: ``offsets`` has one more element, the end of the last bag.
+    **kwargs
+        Everything else :class:`KVEmbedding` takes (``optimizer``, ``lr``, ``padding_idx``, ...).
+        ``padding_idx`` is left out of its bags (and of a ``mean``'s count), as in torch.
+    """
+
+    def __init__(self, dim, path=None, mode="mean", include_last_offset=False, **kwargs):
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}"
+                             + (" (max has no sparse gradient in torch)" if mode == "max"
+                                else ""))
+        super().__init__(dim, path, **kwargs)
+        self.mode, self.include_last_offset = mode, bool(include_last_offset)
+
+    def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Bags of rows, ``[n_bags, dim]``; arguments as ``nn.EmbeddingBag.forward``.
+
+        ``input`` 2-D: each row is a bag (``offsets`` must be None). ``input`` 1-D: bags
+        start at ``offsets`` (1-D). ``per_sample_weights`` (input's shape) scales each row
+        of a ``sum``.
+        """
+        check_ids(input, "input")
+        if input.dim() == 2:
+            if offsets is not None:
+                raise ValueError("offsets must be None when input is 2-D (each row of input "
+                                 "is a bag)")
+        elif input.dim() == 1:
+            if offsets is None:
+                raise ValueError("offsets must be a 1-D tensor of bag starts when input is "
+                                 "1-D, got None")
+            check_ids(offsets, "offsets")
+            if offsets.dim() != 1:
+                raise ValueError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
+        else:
+            raise ValueError(f"input must be 1-D (with offsets) or 2-D, got shape "
+                             f"{tuple(input.shape)}")
+        if per_sample_weights is not None:
+            if self.mode != "sum":
+                raise NotImplementedError(f"per_sample_weights is only supported with "
+                                          f"mode='sum' (as in torch), got mode={self.mode!r}")
+            if per_sample_weights.shape != input.shape:
+                raise ValueError(f"per_sample_weights must have input's shape "
+                                 f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}")
+        table, inverse, local_pad = lookup_table(self, input)
+        if offsets is not None:
+            offsets = offsets.to(device=inverse.device, dtype=torch.int64)
+        return F.embedding_bag(inverse, table, offsets, mode=self.mode,
+                               per_sample_weights=per_sample_weights,
+                               include_last_offset=self.include_last_offset,
+                               padding_idx=local_pad)
