@@ -103,11 +103,7 @@ class Store:
         s = self.settings
         self.layout = RecordLayout(s.dim, s.np_dtype.itemsize, s.state_dim, s.page_bits,
                                    s.segment_bits)
-        self.layout.check()
-        if memory_bytes < config.MIN_FRAMES * self.layout.page_bytes:
-            raise ValueError(
-                f"memory_bytes={memory_bytes} is below the minimum buffer pool of "
-                f"{config.MIN_FRAMES} pages of {self.layout.page_bytes} bytes")
+        self.layout.check(memory_bytes, config.MIN_FRAMES)
         self.memory_bytes = int(memory_bytes)
         os.makedirs(path, exist_ok=True)
         if not readonly:
@@ -116,15 +112,19 @@ class Store:
             device = self._device_class(
                 path, s.page_bits, s.segment_bits, readonly=readonly, direct=direct_io,
                 **({} if io_threads is None else {"io_threads": io_threads}))
-            self._engine, self.checkpoint_id = checkpoint.recover(
+            self._engine, manifest = checkpoint.recover(
                 path, self.layout, s.np_dtype, self.memory_bytes, policy_obj, device)
             if not readonly:                        # remember this open's choices
                 config.save_settings(path, self.settings, self.memory_bytes, policy)
         except BaseException:
             lockfile.release(self._lock_fd)
             raise
+        self.checkpoint_id = manifest.get("checkpoint_id", 0)
+        #: id of the last checkpoint that changed the rows (see :meth:`checkpoint`)
+        self.content_id = manifest.get("content_id", 0)
         self._counts = dict.fromkeys(("gets", "puts", "updates", "deletes", "lookaheads",
                                       "created", "compactions"), 0)
+        self._writes_at_checkpoint = 0
         self._closed = False
 
     # ---- properties -----------------------------------------------------------------------
@@ -209,16 +209,10 @@ class Store:
         keys = inputs.as_keys(keys)
         grads = inputs.as_values(grads, keys.shape[0], self.dim, self.dtype)
         code, need, hyper = rules.check_update(rule, hyper, self.dim, self.dtype, self.state_dim)
-        unique, inverse = np.unique(keys, return_inverse=True)
-        if unique.shape[0] < keys.shape[0]:
-            summed = np.zeros((unique.shape[0], self.dim), dtype=self.dtype)
-            np.add.at(summed, inverse, grads)
-            keys, grads = unique, summed
         s = self.settings
         with self._op(write=True):
-            ops.update(self._engine, keys, grads, code, need, hyper,
-                       (_INIT_KINDS[s.init], s.init_scale, s.seed))
-            self._counts["updates"] += keys.shape[0]
+            self._counts["updates"] += ops.update(self._engine, keys, grads, code, need, hyper,
+                                                  (_INIT_KINDS[s.init], s.init_scale, s.seed))
             self._maybe_compact()
 
     def contains(self, keys) -> np.ndarray:
@@ -288,45 +282,65 @@ class Store:
         ``progress``: draw a progress bar on stderr (default: when stderr is a terminal).
         """
         with self._op(write=True):
-            result = compaction.compact(self.path, self._engine, progress)
+            result = compaction.compact(self.path, self._engine, progress, self.changed)
             if result["checkpoint_id"] is not None:
-                self.checkpoint_id = result["checkpoint_id"]
+                self._committed(result["checkpoint_id"])
             self._counts["compactions"] += result["checkpoint_id"] is not None
             return result
 
     def _maybe_compact(self) -> None:
-        eng = self._engine
-        if (self.auto_compact and compaction.dead_fraction(eng) > self.auto_compact
-                and (eng.log.head >> self.layout.segment_bits)
-                > (eng.log.begin >> self.layout.segment_bits)):
+        if self.auto_compact and compaction.due(self._engine, self.auto_compact):
             self.compact(progress=False)
 
     def verify(self, progress: bool | None = None) -> dict:
         """Read every page of the log and check it; check every index entry.
 
-        Reads and never writes; a writer's pages still in memory are checked there. Returns
-        a report: ``ok``, ``pages_checked``, ``damaged_pages`` (each with its ``page``,
-        ``location`` (segment file and byte offset), ``problem`` and damaged record
-        ``slots``) and ``bad_entries`` (keys whose record is not their live row); see
+        Reads and never writes. Returns a report: ``ok``, ``pages_checked``,
+        ``damaged_pages`` (``page``, ``location``, ``problem``, damaged record ``slots``) and
+        ``bad_entries`` (keys whose record is not their row); see
         :func:`mlkv.engine.verify.verify`. ``progress`` as in :meth:`compact`.
         """
         with self._op():
             return verification.verify(self._engine, progress)
 
     def checkpoint(self) -> int:
-        """Make every write so far durable; returns the checkpoint's id."""
+        """Make every write so far durable; returns the checkpoint's id.
+
+        ``content_id`` then names the rows: it is this checkpoint's id if rows were written
+        since the last one, else it stays (a checkpoint or compaction that changed no row
+        keeps naming the same table).
+        """
         with self._op(write=True):
             eng = self._engine
-            self.checkpoint_id = checkpoint.save(self.path, eng.log, eng.index, eng.device)
+            self._committed(checkpoint.save(self.path, eng.log, eng.index, eng.device,
+                                            self.changed))
             return self.checkpoint_id
 
-    def close(self) -> None:
-        """Checkpoint (unless read-only) and release memory, files and the lock. Idempotent."""
+    @property
+    def changed(self) -> bool:
+        """Whether rows were written (put, update, delete, created) since the last checkpoint."""
+        return self._writes() != self._writes_at_checkpoint
+
+    def _writes(self) -> int:
+        return sum(self._counts[k] for k in ("puts", "updates", "deletes", "created"))
+
+    def _committed(self, checkpoint_id: int) -> None:
+        self.checkpoint_id = checkpoint_id
+        if self.changed or not self.content_id:
+            self.content_id = checkpoint_id
+        self._writes_at_checkpoint = self._writes()
+
+    def close(self, checkpoint: bool = True) -> None:
+        """Checkpoint (unless read-only) and release memory, files and the lock. Idempotent.
+
+        ``checkpoint=False`` releases the store without one: writes since the last
+        checkpoint are dropped, and the next open returns to it.
+        """
         with self._lock:
             if self._closed:
                 return
             try:
-                if not self.readonly and self._failure is None:
+                if checkpoint and not self.readonly and self._failure is None:
                     self.checkpoint()
             finally:
                 self._closed = True
@@ -356,24 +370,8 @@ class Store:
         the log markers ``begin <= head <= read_only <= tail``.
         """
         with self._op():
-            eng = self._engine
-            return {
-                **self._counts,
-                "rows": eng.index.count, "hits": eng.counts["hits"],
-                "misses": eng.counts["misses"], "disk_reads": eng.counts["misses"],
-                "bytes_read": eng.device.bytes_read, "bytes_written": eng.device.bytes_written,
-                "resident_bytes": eng.log.resident_bytes + eng.index.nbytes,
-                "buffer_pool_bytes": eng.log.resident_bytes,
-                "index_bytes": eng.index.nbytes,
-                "memory_bytes": self.memory_bytes,
-                "disk_bytes": eng.device.disk_bytes(),
-                "dead_fraction": compaction.dead_fraction(eng),
-                "segments": len(eng.device.segments()),
-                "record_bytes": self.layout.record_bytes,
-                "policy": eng.policy.name,
-                "checkpoint_id": self.checkpoint_id,
-                "addresses": eng.log.markers(),
-            }
+            return {**self._counts, **ops.stats(self._engine), "memory_bytes": self.memory_bytes,
+                    "checkpoint_id": self.checkpoint_id, "content_id": self.content_id}
 
     # ---- helpers --------------------------------------------------------------------------
     @contextlib.contextmanager

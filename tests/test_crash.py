@@ -485,3 +485,32 @@ def test_new_rows_after_a_crash_start_from_zero_state(tmp_path):
         np.testing.assert_array_equal(s.get(keys), rows)
         np.testing.assert_array_equal(s.get(np.arange(10)), np.ones((10, 4)))
         assert s.verify(progress=False)["ok"]
+
+
+def test_content_id_names_the_rows_and_close_without_checkpoint_drops_writes(tmp_path):
+    """content_id moves only with checkpoints that changed rows; close(checkpoint=False)
+    returns the store to its last checkpoint."""
+    path = str(tmp_path / "s")
+    N = 2000                                       # 12 pages: most of them on disk
+    with mlkv.open(path, dim=4, page_bits=12, memory_bytes=4 * 4096,
+                   segment_bits=13, auto_compact=None) as s:
+        assert s.content_id == 0 and not s.changed
+        s.put(np.arange(N), np.ones((N, 4)))
+        assert s.changed
+        first = s.checkpoint()
+        assert s.content_id == first and not s.changed
+        s.get(np.arange(N))                      # copies rows to the tail: no change
+        assert s.checkpoint() == first + 1 and s.content_id == first
+        s.put(np.arange(N), np.full((N, 4), 2.0))   # dead records: compaction frees them
+        s.checkpoint()
+        changed_at = s.content_id
+        assert changed_at == first + 2
+        assert s.compact()["checkpoint_id"] == first + 3
+        assert s.content_id == changed_at and s.stats()["content_id"] == changed_at
+        s.put(np.arange(10), np.zeros((10, 4)))
+        s.close(checkpoint=False)
+    with mlkv.open(path) as s:
+        assert s.checkpoint_id == first + 3 and s.content_id == changed_at
+        np.testing.assert_array_equal(s.get(np.arange(N)), np.full((N, 4), 2.0))
+    with mlkv.open(path) as s:        # the clean close above checkpointed, changing nothing
+        assert s.content_id == changed_at

@@ -31,10 +31,17 @@ MANIFEST = "manifest.json"
 CHUNK_PAIRS = 1 << 18          # 4 MiB of index file per read or write
 
 
-def save(directory: str, log, index: HashIndex, device) -> int:
-    """Make the current state durable; returns the new checkpoint id."""
+def save(directory: str, log, index: HashIndex, device, changed: bool = True) -> int:
+    """Make the current state durable; returns the new checkpoint id.
+
+    ``changed``: rows were written since the last checkpoint. The manifest's ``content_id``
+    is the id of the last checkpoint that changed the rows: a checkpoint that only moved them
+    (compaction, reads copied to the tail) keeps the one before, so whoever names a state of
+    the table by its ``content_id`` still finds it.
+    """
     old = load_manifest(directory)
     checkpoint_id = (old["checkpoint_id"] if old else 0) + 1
+    content_id = checkpoint_id if changed or not old else old["content_id"]
     log.seal()
     log.flush()
     device.sync()
@@ -43,7 +50,8 @@ def save(directory: str, log, index: HashIndex, device) -> int:
     try:
         index_bytes, crc = _write_index(index_path, index)
         manifest = {"format_version": FORMAT_VERSION, "checkpoint_id": checkpoint_id,
-                    "begin": log.begin, "tail": log.tail, "rows": index.count,
+                    "content_id": content_id, "begin": log.begin, "tail": log.tail,
+                    "rows": index.count,
                     "index_file": index_name, "index_bytes": index_bytes, "index_crc32": crc}
         write_json_atomic(os.path.join(directory, MANIFEST), manifest)
         _fsync_dir(directory)
@@ -55,7 +63,8 @@ def save(directory: str, log, index: HashIndex, device) -> int:
 
 
 def recover(directory: str, layout, dtype, memory_bytes: int, policy, device) -> tuple:
-    """The engine of a store at its last checkpoint (empty without one), and that id.
+    """The engine of a store at its last checkpoint (empty without one), and the manifest
+    (``{}`` without one).
 
     Takes ownership of ``device``: it is closed if recovery fails.
     """
@@ -76,7 +85,7 @@ def recover(directory: str, layout, dtype, memory_bytes: int, policy, device) ->
         device.close()
         raise
     engine = Engine(layout, dtype, index, log, device, policy)
-    return engine, (manifest["checkpoint_id"] if manifest else 0)
+    return engine, manifest or {}
 
 
 def _holds(device, tail: int) -> bool:
@@ -112,7 +121,9 @@ def load_manifest(directory: str) -> dict | None:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CorruptionError(f"{path}: format version {manifest.get('format_version')!r} is not "
                               f"supported (this mlkv reads version {FORMAT_VERSION})")
-    for name in ("checkpoint_id", "begin", "tail", "rows", "index_bytes", "index_crc32"):
+    manifest.setdefault("content_id", manifest.get("checkpoint_id"))
+    for name in ("checkpoint_id", "content_id", "begin", "tail", "rows", "index_bytes",
+                 "index_crc32"):
         value = manifest.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise CorruptionError(f"{path}: field {name!r} must be an integer >= 0, "

@@ -30,20 +30,21 @@ SLOT_CHUNK = 1 << 18
 BATCH_KEYS = 1 << 14
 
 
-def dead_fraction(eng: ops.Engine) -> float:
-    """Share of the log's bytes (``tail - begin``) not held by a live record."""
-    log_bytes = eng.log.tail - eng.log.begin
-    if log_bytes <= 0:
-        return 0.0
-    return max(0.0, 1.0 - eng.index.count * eng.layout.record_bytes / log_bytes)
+def due(eng: ops.Engine, share: float) -> bool:
+    """Whether dead records are more than ``share`` of the log and a segment could be freed."""
+    segment_bits = eng.layout.segment_bits
+    return (ops.dead_fraction(eng) > share
+            and (eng.log.head >> segment_bits) > (eng.log.begin >> segment_bits))
 
 
-def compact(directory: str, eng: ops.Engine, progress: bool | None = None) -> dict:
+def compact(directory: str, eng: ops.Engine, progress: bool | None = None,
+            changed: bool = True) -> dict:
     """Move the live records out of the oldest segments and delete those segments.
 
     Returns ``{"rows_moved", "bytes_freed", "checkpoint_id"}``: ``bytes_freed`` is the size of
     the segment files deleted (the moved rows take new space at the tail). Nothing to do
-    gives zeros and ``checkpoint_id`` None. ``progress``: see :class:`mlkv.progress.Progress`.
+    gives zeros and ``checkpoint_id`` None. ``progress``: see :class:`mlkv.progress.Progress`;
+    ``changed``: rows were written since the last checkpoint (see :func:`checkpoint.save`).
     """
     log, layout = eng.log, eng.layout
     segment_bits = layout.segment_bits
@@ -69,6 +70,6 @@ def compact(directory: str, eng: ops.Engine, progress: bool | None = None) -> di
     bar.close()
     eng.counts.update(counts)
     log.move_begin(cut)
-    checkpoint_id = checkpoint.save(directory, log, eng.index, eng.device)
+    checkpoint_id = checkpoint.save(directory, log, eng.index, eng.device, changed)
     freed = eng.device.remove_segments_below(cut >> segment_bits)
     return {"rows_moved": moved, "bytes_freed": freed, "checkpoint_id": checkpoint_id}

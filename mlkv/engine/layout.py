@@ -100,11 +100,16 @@ class RecordLayout:
     def records_per_page(self) -> int:
         return self.page_bytes // self.record_bytes
 
-    def check(self) -> None:
+    def check(self, memory_bytes: int, min_frames: int) -> None:
+        """Raise ValueError unless a record fits a page and the budget ``min_frames`` pages."""
         if self.records_per_page < 1:
             raise ValueError(
                 f"a record of {self.record_bytes} bytes does not fit a page of "
                 f"{self.page_bytes} bytes: raise page_bits")
+        if memory_bytes < min_frames * self.page_bytes:
+            raise ValueError(
+                f"memory_bytes={memory_bytes} is below the minimum buffer pool of "
+                f"{min_frames} pages of {self.page_bytes} bytes")
 
 
 def _round_up(n: int, multiple: int) -> int:

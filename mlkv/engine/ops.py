@@ -38,6 +38,28 @@ class Engine:
     counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(("hits", "misses"), 0))
 
 
+def dead_fraction(eng: Engine) -> float:
+    """Share of the log's bytes (``tail - begin``) not held by a live record."""
+    log_bytes = eng.log.tail - eng.log.begin
+    if log_bytes <= 0:
+        return 0.0
+    return max(0.0, 1.0 - eng.index.count * eng.layout.record_bytes / log_bytes)
+
+
+def stats(eng: Engine) -> dict:
+    """The engine's counters and sizes (see :meth:`mlkv.Store.stats`)."""
+    return {
+        "rows": eng.index.count, "hits": eng.counts["hits"], "misses": eng.counts["misses"],
+        "disk_reads": eng.counts["misses"], "bytes_read": eng.device.bytes_read,
+        "bytes_written": eng.device.bytes_written,
+        "resident_bytes": eng.log.resident_bytes + eng.index.nbytes,
+        "buffer_pool_bytes": eng.log.resident_bytes, "index_bytes": eng.index.nbytes,
+        "disk_bytes": eng.device.disk_bytes(), "dead_fraction": dead_fraction(eng),
+        "segments": len(eng.device.segments()), "record_bytes": eng.layout.record_bytes,
+        "policy": eng.policy.name, "addresses": eng.log.markers(),
+    }
+
+
 def _run(eng: Engine, step) -> None:
     """Call ``step(position) -> position`` until it reports done (None), evicting in between."""
     pos = step(0)
@@ -161,14 +183,21 @@ def lookahead(eng: Engine, keys: np.ndarray) -> None:
 
 
 def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_state_dim: int,
-           hyper: np.ndarray, init) -> None:
-    """Apply an update rule to the rows of unique ``keys`` (see :mod:`._update_kernels`).
+           hyper: np.ndarray, init) -> int:
+    """Apply an update rule to the rows of ``keys`` (see :mod:`._update_kernels`); returns
+    how many rows were updated.
 
+    0. The gradients of repeated keys are summed, as torch coalesces a sparse gradient.
     1. The rows are brought into the mutable region (the lookahead path) and absent keys
        created with ``init = (kind, scale, seed)``, a share of the buffer pool at a time.
     2. One kernel pass applies the rule in place. A row evicted in between (a batch larger
        than the pool) sends the loop back to step 1 from there.
     """
+    unique, inverse = np.unique(keys, return_inverse=True)
+    if unique.shape[0] < keys.shape[0]:
+        summed = np.zeros((unique.shape[0], grads.shape[1]), dtype=grads.dtype)
+        np.add.at(summed, inverse, grads)
+        keys, grads = unique, summed
     log = eng.log
     # rows brought in per round: a quarter of the pool, so none is evicted before its update
     chunk = max(1, log.n_frames // 4 * eng.layout.records_per_page)
@@ -188,3 +217,4 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
             lookahead(eng, ahead)
         pos, status = run(pos)
     log.shift_read_only()
+    return keys.shape[0]

@@ -7,5 +7,6 @@ See :mod:`mlkv.frameworks.torch.modules` for the modules and the decisions behin
 """
 
 from .modules import KVEmbedding, KVEmbeddingBag
+from .pipeline import Pipeline  # noqa: F401  (re-exported)
 
 __all__ = ["KVEmbedding", "KVEmbeddingBag"]
