@@ -189,9 +189,13 @@ class Store:
         keys = inputs.as_keys(keys)
         s = self.settings
         with self._op(write=True):
-            self._counts["created"] += ops.create_missing(
-                self._engine, keys, _INIT_KINDS[s.init], s.init_scale, s.seed)
-            out, _ = ops.read(self._engine, keys)
+            out, addrs = ops.read(self._engine, keys)
+            missing = addrs < 0
+            if missing.any():              # create them, then read their new rows
+                absent = keys[missing]
+                self._counts["created"] += ops.create_missing(
+                    self._engine, absent, _INIT_KINDS[s.init], s.init_scale, s.seed)
+                out[missing] = ops.read(self._engine, absent)[0]
             self._counts["gets"] += keys.shape[0]
             self._maybe_compact()
         return out

@@ -4,10 +4,12 @@ See :mod:`mlkv.engine._log_kernels` for the arrays a kernel takes and the resuma
 protocol, and :mod:`mlkv.engine._rule_kernels` for the rules.
 """
 
+import numpy as np
+
 from .._jit import kernel
-from ._index_kernels import find_slot
 from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
-                           G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, _frame_word, allocate)
+                           G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, PREFETCH_DISTANCE,
+                           _frame_word, _prefetch_record, allocate, find_slots)
 from ._rule_kernels import apply_rule
 
 #: why :func:`update_rows` stopped before the end of the batch
@@ -32,11 +34,18 @@ def update_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys
     state_base = geo[G_STATE_BASE]
     head = marks[M_HEAD]
     read_only = marks[M_READ_ONLY]
-    for i in range(start, keys.shape[0]):
-        s = find_slot(slot_keys, slot_addrs, keys[i])
+    n = keys.shape[0]
+    # keys are unique and none is inserted here: the slots and addresses found up front
+    # (prefetching index lines ahead) stay valid while rows move to the tail
+    addrs = np.empty(n, dtype=np.int64)
+    slots = find_slots(slot_keys, slot_addrs, keys, start, addrs)
+    for i in range(start, n):
+        if i + PREFETCH_DISTANCE < n:
+            _prefetch_record(words, geo, marks, addrs[i + PREFETCH_DISTANCE], True)
+        s = slots[i - start]
         if s < 0:
             return i, MISSING
-        a = slot_addrs[s]
+        a = addrs[i]
         if a < head:
             return i, COLD
         if a < read_only:

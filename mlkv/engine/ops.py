@@ -193,8 +193,8 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
     2. One kernel pass applies the rule in place. A row evicted in between (a batch larger
        than the pool) sends the loop back to step 1 from there.
     """
-    unique, inverse = np.unique(keys, return_inverse=True)
-    if unique.shape[0] < keys.shape[0]:
+    if keys.shape[0] > 1 and not (keys[1:] > keys[:-1]).all():     # not already unique
+        unique, inverse = np.unique(keys, return_inverse=True)
         summed = np.zeros((unique.shape[0], grads.shape[1]), dtype=grads.dtype)
         np.add.at(summed, inverse, grads)
         keys, grads = unique, summed

@@ -1,0 +1,104 @@
+"""Training the embedding part: forward + backward + update, mlkv against torch.
+
+Batches of 4,096 ids (uniform or Zipf over the table), dim 64, a table that fits in memory.
+One training step is ``out = emb(ids)``, ``loss = (out * w).sum()`` with a fixed random ``w``,
+``loss.backward()`` and the optimizer's update:
+
+- torch: ``nn.Embedding(sparse=True)`` and ``torch.optim.SGD`` / ``Adagrad`` / ``SparseAdam``
+  (``opt.step(); opt.zero_grad()``);
+- mlkv: ``KVEmbedding`` with the same optimizer, fused (the update runs in backward).
+
+Both start from the same rows (``from_dense``), see the same id sequence and use one torch
+thread, so the ratio compares the work each does per step. Issue 4's target: mlkv at least
+1.5x torch's steps per second.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+import benchlib
+from benchlib import BATCH, DIM, DISTS
+
+torch = pytest.importorskip("torch")
+from mlkv.frameworks.torch import KVEmbedding  # noqa: E402
+
+OPTIMIZERS = ("sgd", "adagrad", "adam")
+SYSTEMS = ("torch", "mlkv")
+LR = 0.01
+
+
+def _train_rows(sizes) -> int:
+    return 1 << 12 if sizes.smoke else int(os.environ.get("MLKV_BENCH_TRAIN_ROWS", 1 << 18))
+
+
+def _make(system, optimizer, n, weight, path):
+    """A module and its step function (forward, backward, update) for one batch of ids."""
+    if system == "torch":
+        emb = torch.nn.Embedding(n, DIM, sparse=True)
+        with torch.no_grad():
+            emb.weight.copy_(weight)
+        cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
+               "adam": torch.optim.SparseAdam}[optimizer]
+        opt = cls(emb.parameters(), lr=LR)
+
+        def after():
+            opt.step()
+            opt.zero_grad()
+    else:
+        # records: 16 B header + 256 B values + state (up to 512 B for adam), all in memory
+        emb = KVEmbedding(DIM, path=path, optimizer=optimizer, lr=LR,
+                          memory_bytes=max(64 << 20, n * 1024), page_bits=20)
+        emb.from_dense(weight)
+
+        def after():
+            pass
+    w = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(3))
+
+    def step(ids):
+        loss = (emb(ids) * w).sum()
+        loss.backward()
+        after()
+        return loss
+
+    return emb, step
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("system", SYSTEMS)
+def test_train_step(benchmark, sizes, bench_dir, system, optimizer, dist):
+    n = _train_rows(sizes)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    weight = torch.rand(n, DIM, generator=torch.Generator().manual_seed(1)) * 0.2 - 0.1
+    emb, step = _make(system, optimizer, n, weight,
+                      os.path.join(bench_dir, f"train-{optimizer}-{dist}"))
+    rounds = benchlib.Rounds(dist, n, sizes.resident_batches, seed=200 + DISTS.index(dist))
+    cpu = benchlib.CpuClock()
+    warmup = 0 if sizes.smoke else 1
+
+    def run(keys):
+        with cpu:
+            for k in keys:
+                loss = step(torch.from_numpy(k))
+        return loss
+
+    try:
+        loss = benchmark.pedantic(run, setup=rounds.setup, rounds=sizes.rounds,
+                                  warmup_rounds=warmup)
+        assert np.isfinite(float(loss))
+        extra = {}
+        if system == "mlkv":
+            st = emb.store.stats()
+            extra = {"mlkv_misses": st["misses"], "memory_bytes": st["memory_bytes"]}
+        benchlib.record(benchmark, rounds.rows_per_round, cpu=cpu, warmup=warmup,
+                        scenario="train", op=optimizer, dist=dist, system=system, rows=n,
+                        **extra)
+    finally:
+        torch.set_num_threads(threads)
+        if system == "mlkv":
+            emb.close()
