@@ -266,27 +266,38 @@ def train(emb, steps, seed):
 def test_state_dict_holds_a_reference_only(make):
     emb = make(optimizer="adam", lr=0.01, betas=(0.8, 0.9))
     train(emb, 3, 0)
-    sd = roundtrip(nn.Sequential(emb).state_dict())
+    assert emb.store.changed
+    sd = roundtrip(nn.Sequential(emb).state_dict())      # torch.load(weights_only=True)
     (key,) = sd
     assert key == "0._extra_state"
     state = sd[key]
+    assert set(state) == {"format", "path", "content_id", "dim", "dtype", "optimizer",
+                          "options", "step"}
     assert state["path"] == os.path.abspath(emb.store.path) and state["step"] == 3
-    assert state["checkpoint_id"] == emb.store.checkpoint_id == 1
-    assert state["dim"] == DIM and state["optimizer"] == "adam" and state["betas"] == (0.8, 0.9)
-    assert all(isinstance(v, (str, int, float, tuple, type(None))) for v in state.values())
+    assert state["content_id"] == emb.store.content_id == emb.store.checkpoint_id == 1
+    assert not emb.store.changed
+    assert state["dim"] == DIM and state["dtype"] == "float32" and state["optimizer"] == "adam"
+    assert state["options"] == {"lr": 0.01, "betas": (0.8, 0.9), "weight_decay": 0.0,
+                                "lr_decay": 0.0}               # eps: the rule's default
+    assert all(isinstance(v, (str, int, dict)) for v in state.values())
+    emb.eps = 1e-6
     again = emb.state_dict()["_extra_state"]
-    assert again["checkpoint_id"] == 1                  # no change: no new checkpoint
+    assert again["options"]["eps"] == 1e-6
+    assert again["content_id"] == 1 and emb.store.checkpoint_id == 1   # no write: no checkpoint
 
 
 def test_load_discards_later_training(make):
+    """Saved, trained further without a checkpoint, loaded: the outputs are the saved ones."""
     emb = make(optimizer="adam", lr=0.05)
     train(emb, 4, 0)
     sd = roundtrip(emb.state_dict())
     saved = emb(PROBE).detach()
     train(emb, 4, 1)
     assert not torch.equal(saved, emb(PROBE).detach())
+    emb.lr = 0.5
     emb.load_state_dict(sd)
-    assert torch.equal(saved, emb(PROBE).detach()) and emb._step == 4
+    assert not emb.store.changed and emb.lr == 0.05 and emb._step == 4
+    assert torch.equal(saved, emb(PROBE).detach())
     # and training on from there repeats itself
     train(emb, 2, 2)
     after = emb(PROBE).detach()
@@ -295,9 +306,22 @@ def test_load_discards_later_training(make):
     assert torch.equal(after, emb(PROBE).detach())
 
 
+def test_load_discards_later_training_of_a_temporary_store():
+    emb = KVEmbedding(DIM, optimizer="adagrad", lr=0.1)
+    path = emb.store.path
+    train(emb, 3, 0)
+    sd = emb.state_dict()
+    saved = emb(PROBE).detach()
+    train(emb, 3, 1)
+    emb.load_state_dict(sd)
+    assert emb.store.path == path and torch.equal(saved, emb(PROBE).detach())
+    emb.close()
+    assert not os.path.exists(path)
+
+
 def test_fresh_module_on_the_same_path(tmp_path):
-    """Saved, trained further (not checkpointed), closed; the directory restored from a copy
-    made after the save: a fresh module on the same path loads the state exactly."""
+    """Saved, trained further, closed (a checkpoint of changed rows); the directory restored
+    from a copy made after the save: a fresh module on the same path loads the state."""
     path, backup = tmp_path / "emb", tmp_path / "backup"
     emb = KVEmbedding(DIM, path, optimizer="adagrad", lr=0.1, **SMALL)
     train(emb, 5, 0)
@@ -314,21 +338,51 @@ def test_fresh_module_on_the_same_path(tmp_path):
         assert torch.equal(saved, fresh(PROBE).detach())
 
 
-def test_reopened_store_keeps_the_saved_checkpoint(tmp_path):
-    """Reads after the save and close() do not add a checkpoint, so the state still loads."""
+def test_checkpoints_without_row_changes_keep_the_state(tmp_path):
+    """Reads, checkpoints and compactions that change no row keep ``content_id``: the state
+    still loads, in the module and in a fresh one after the store is reopened."""
     path = tmp_path / "emb"
-    emb = KVEmbedding(DIM, path, optimizer="sgd", **SMALL)
-    train(emb, 3, 0)
+    emb = KVEmbedding(DIM, path, optimizer="adam", segment_bits=15, auto_compact=None, **SMALL)
+    emb.store.get_or_init(np.arange(300, 3000))      # more rows than memory: updates copy
+    for seed in range(3):                            # rows to the tail, leaving dead records
+        train(emb, 5, seed)
     sd = roundtrip(emb.state_dict())
     saved = emb(PROBE).detach()
+    ref = sd["_extra_state"]["content_id"]
+    emb.store.checkpoint()
+    assert emb.store.compact(progress=False)["rows_moved"] > 0
     emb(PROBE)
+    assert emb.store.checkpoint_id > ref == emb.store.content_id and not emb.store.changed
+    emb.load_state_dict(sd)
+    assert torch.equal(saved, emb(PROBE).detach())
+    emb.close()                                      # a checkpoint, still no row change
+    with mlkv.open(path) as store:
+        assert store.stats()["content_id"] == ref
+    with KVEmbedding(DIM, path, optimizer="adam") as fresh:
+        fresh.load_state_dict(sd)
+        assert torch.equal(saved, fresh(PROBE).detach())
+
+
+def test_load_after_changed_rows_were_checkpointed_raises(tmp_path):
+    path = tmp_path / "emb"
+    emb = KVEmbedding(DIM, path, optimizer="sgd", **SMALL)
+    train(emb, 2, 0)
+    sd = emb.state_dict()
+    train(emb, 2, 1)
+    emb.store.checkpoint()                     # the only checkpoint now holds other rows
+    with pytest.raises(mlkv.MlkvError, match="moved past the saved state: the state names "
+                       "content_id 1, the store's last checkpoint has content_id 2"):
+        emb.load_state_dict(sd)
+    train(emb, 1, 2)
+    with pytest.raises(mlkv.MlkvError, match="content_id 2 and has writes since"):
+        emb.load_state_dict(sd)
     emb.close()
-    with KVEmbedding(DIM, path, optimizer="sgd") as again:
-        again.load_state_dict(sd)
-        assert torch.equal(saved, again(PROBE).detach())
+    with KVEmbedding(DIM, path, optimizer="sgd") as fresh:
+        with pytest.raises(mlkv.MlkvError, match="content_id 1, .* content_id 3"):
+            fresh.load_state_dict(sd)
 
 
-def test_load_opens_the_referenced_store(tmp_path):
+def test_load_switches_to_the_saved_store(tmp_path):
     path = tmp_path / "emb"
     emb = KVEmbedding(DIM, path, optimizer="sgd", **SMALL)
     train(emb, 3, 0)
@@ -340,55 +394,51 @@ def test_load_opens_the_referenced_store(tmp_path):
         other.load_state_dict(sd)
         assert os.path.samefile(other.store.path, path) and not os.path.exists(tmp)
         assert torch.equal(saved, other(PROBE).detach())
+    with KVEmbedding(DIM, tmp_path / "own", optimizer="sgd") as other:
+        own = other.store
+        rows = own.get_or_init([7])
+        other.load_state_dict(sd)
+        assert os.path.samefile(other.store.path, path) and own is not other.store
+        assert torch.equal(saved, other(PROBE).detach())
+    with mlkv.open(tmp_path / "own") as store:         # closed with a checkpoint, unlocked
+        assert np.array_equal(store.get([7]), rows)
 
 
-def test_load_from_a_copy_of_the_directory(tmp_path):
+def test_load_from_elsewhere_needs_the_saved_rows(tmp_path):
+    """The saved path decides: a copy at the module's own path is not used in its place."""
     path, copy = tmp_path / "emb", tmp_path / "copy"
     emb = KVEmbedding(DIM, path, optimizer="adam", **SMALL)
     train(emb, 3, 0)
     sd = roundtrip(emb.state_dict())
-    saved = emb(PROBE).detach()
     shutil.copytree(path, copy)
     train(emb, 3, 1)
     emb.close()                                  # the original moves on
     with KVEmbedding(DIM, copy, optimizer="adam") as fresh:
-        fresh.load_state_dict(sd)
-        assert os.path.samefile(fresh.store.path, copy)
-        assert torch.equal(saved, fresh(PROBE).detach())
+        with pytest.raises(mlkv.MlkvError, match="moved past the saved state"):
+            fresh.load_state_dict(sd)
+        assert os.path.samefile(fresh.store.path, copy)          # kept its own store
+        fresh(PROBE)
+    shutil.rmtree(path)
+    with KVEmbedding(DIM, copy, optimizer="adam") as fresh:
+        with pytest.raises(mlkv.MlkvError, match="does not exist"):
+            fresh.load_state_dict(sd)
+        assert not os.path.exists(path)
 
 
-def test_load_after_a_checkpoint_without_writes(make):
-    """A checkpoint taken with no write since the save (by hand, or by a compaction) holds
-    the same rows: the state still loads."""
-    emb = make(optimizer="adagrad")
-    train(emb, 2, 0)
-    sd = emb.state_dict()
-    saved = emb(PROBE).detach()
-    emb.store.checkpoint()
-    emb.load_state_dict(sd)
-    assert torch.equal(saved, emb(PROBE).detach())
-    assert emb.state_dict()["_extra_state"]["checkpoint_id"] == 2
-
-
-def test_load_after_a_later_checkpoint_raises(make):
-    emb = make(optimizer="sgd")
-    train(emb, 2, 0)
-    sd = emb.state_dict()
-    train(emb, 2, 1)
-    emb.state_dict()                              # a later checkpoint replaces the saved one
-    with pytest.raises(mlkv.MlkvError, match="keeps only its last checkpoint"):
-        emb.load_state_dict(sd)
-
-
-def test_load_checks_settings(make):
+def test_load_checks_the_state(make):
     emb = make(optimizer="adagrad")
     sd = emb.state_dict()
     with pytest.raises(mlkv.SettingsMismatchError, match="optimizer='adagrad'"):
         make(name="o", optimizer="adam").load_state_dict(sd)
     with pytest.raises(mlkv.SettingsMismatchError, match="dim=6"):
         make(name="d", dim=4, optimizer="adagrad").load_state_dict(sd)
+    with pytest.raises(mlkv.SettingsMismatchError, match="dtype='float32'"):
+        make(name="t", optimizer="adagrad", dtype=torch.float64).load_state_dict(sd)
     with pytest.raises(ValueError, match="not a state of an mlkv KVEmbedding"):
         emb.load_state_dict({"_extra_state": {"format": "other"}})
+    bad = {**sd["_extra_state"], "options": {"lr": "fast"}}
+    with pytest.raises(ValueError, match="field 'options'"):
+        emb.load_state_dict({"_extra_state": bad})
     with pytest.raises(RuntimeError, match="Missing key"):
         emb.load_state_dict({})
 
@@ -403,8 +453,12 @@ def test_wrapped_store_is_not_reverted_or_closed(tmp_path):
     with pytest.raises(mlkv.MlkvError, match="did not open it"):
         emb.load_state_dict(sd)
     emb.close()
-    assert len(store) > 0                         # still open: its owner closes it
-    store.close()
+    assert len(store) > 0 and store.changed      # still open: its owner closes it
+    store.close(checkpoint=False)
+    with mlkv.open(tmp_path / "s") as store:     # back at the saved checkpoint
+        emb = KVEmbedding(DIM, optimizer="adagrad", store=store)
+        emb.load_state_dict(sd)
+        assert emb.store is store
 
 
 # ---- lifetime ------------------------------------------------------------------------------

@@ -1,19 +1,10 @@
 """The store a module holds, and ``state_dict`` by reference to one of its checkpoints.
 
 A module opens its store here (or checks one it is given); a finalizer releases it with the
-module. :func:`save` and :func:`load` implement ``state_dict`` by reference (the rules are in
-the docstring of :mod:`mlkv.frameworks.torch.modules`).
-
-A checkpoint is named by its *fingerprint*: id, log markers (``begin``, ``tail``), row count
-and index CRC-32, from the store's manifest. Checkpoints, compactions and reads that copy rows
-to the tail change the fingerprint but not the contents, so a module also tracks which
-fingerprints hold the contents it last saw clean: the store's write counters (``puts``,
-``updates``, ``deletes``, ``created`` of ``stats()``, counted since it was opened) grow with
-every change of contents, and a store equals its last checkpoint when opened. While the
-counters stay where they were at a moment the store equalled a checkpoint, every later
-checkpoint holds the same contents. A module also closes a store it opened without a new
-checkpoint when its contents have not changed, so the last checkpoint (the one a saved state
-names) survives ``close()``.
+module. :func:`save` and :func:`load` implement ``state_dict`` by reference: a saved state
+names its rows by the store's path and ``content_id`` (the id of the last checkpoint that
+changed a row), so checkpoints and compactions that change no row keep it loadable. The
+rules are in the docstring of :mod:`mlkv.frameworks.torch.modules`.
 """
 
 from __future__ import annotations
@@ -27,73 +18,28 @@ import numpy as np
 import torch
 
 import mlkv
-from mlkv.engine import checkpoint as _checkpoint
+from mlkv import config
 from mlkv.engine._rule_kernels import state_dim
 from mlkv.errors import MlkvError, SettingsMismatchError
 
 #: marks (and versions) the dict a module stores under ``<prefix>_extra_state``
-FORMAT = "mlkv.frameworks.torch.KVEmbedding/1"
-FINGERPRINT = ("checkpoint_id", "begin", "tail", "rows", "index_crc32")
-WRITE_COUNTERS = ("puts", "updates", "deletes", "created")
+FORMAT = "mlkv.frameworks.torch.KVEmbedding/2"
 OPTIONS = ("lr", "eps", "betas", "weight_decay", "lr_decay")
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def fingerprint(path: str) -> tuple | None:
-    """The fingerprint of the last checkpoint of the store at ``path`` (None without one)."""
-    manifest = _checkpoint.load_manifest(path)
-    return None if manifest is None else tuple(int(manifest[k]) for k in FINGERPRINT)
-
-
-def write_counts(store) -> tuple:
-    stats = store.stats()
-    return tuple(int(stats[k]) for k in WRITE_COUNTERS)
-
-
-def close_discarding(store) -> None:
-    """Close ``store`` without the checkpoint ``close()`` takes: writes since its last
-    checkpoint are dropped, and reopening it returns to that checkpoint.
-
-    The Store has no public way to do this yet; ``close()`` skips its checkpoint for a store
-    stopped by a failure, so this marks the store stopped first.
-    """
-    with store._lock:
-        if not store._closed and store._failure is None:
-            store._failure = MlkvError("closed without a checkpoint")
-    store.close()
-
-
 class Held:
-    """A module's store, whether the module opened it, its temporary directory (if any), and
-    what is known of its contents: ``clean_counts``, the write counters at the last moment it
-    equalled a checkpoint, and ``clean_fps``, fingerprints known to hold those contents."""
+    """A module's store, whether the module opened it, and its temporary directory (if any)."""
 
     def __init__(self, store, owned, tempdir):
         self.store, self.owned, self.tempdir = store, owned, tempdir
-        self.clean_counts = (0,) * len(WRITE_COUNTERS)       # as opened: its last checkpoint
-        self.clean_fps = set()
-        if write_counts(store) == self.clean_counts:
-            self.clean_fps.add(fingerprint(store.path))
-
-    def is_clean(self) -> bool:
-        return write_counts(self.store) == self.clean_counts
-
-    def holds(self, fp) -> bool:
-        """Whether checkpoint ``fp`` holds the contents the store returns to when reverted."""
-        here = fingerprint(self.store.path)
-        return fp is not None and (here == fp or (fp in self.clean_fps and (
-            here in self.clean_fps or self.is_clean())))
 
     def release(self):
-        """Finalizer: close an owned store (with a checkpoint only if its contents changed);
-        drop a temporary one."""
+        """Finalizer: close an owned store (with a checkpoint, unless it is temporary);
+        remove a temporary one."""
         try:
             if self.owned:
-                try:
-                    clean = bool(self.tempdir) or self.is_clean()
-                except MlkvError:             # closed already, or stopped by a device error
-                    clean = True
-                (close_discarding if clean else type(self.store).close)(self.store)
+                self.store.close(checkpoint=not self.tempdir)
         finally:
             if self.tempdir:
                 shutil.rmtree(self.tempdir, ignore_errors=True)
@@ -127,8 +73,13 @@ def attach(module, path, store, dtype):
         check_store(module, store, dtype)
         return adopt(module, store, owned=False, tempdir=None)
     tempdir = tempfile.mkdtemp(prefix="mlkv-emb-") if path is None else None
+    reopen(module, tempdir or path, dtype, tempdir)
+
+
+def reopen(module, path, dtype, tempdir):
+    """Open the store at ``path`` and make it the module's (removing ``tempdir`` on failure)."""
     try:
-        store = open_store(module, tempdir or path, dtype)
+        store = open_store(module, path, dtype)
     except BaseException:
         if tempdir:
             shutil.rmtree(tempdir, ignore_errors=True)
@@ -178,28 +129,22 @@ def check_store(module, store, dtype):
 
 # ---- state_dict ---------------------------------------------------------------------------
 def save(module) -> dict:
-    """The module's state by reference; checkpoints its store unless its contents have not
-    changed since a checkpoint."""
-    held = module._held
-    store = held.store
-    counts = write_counts(store)
-    fp = fingerprint(store.path)
-    if counts == held.clean_counts and fp is not None:
-        held.clean_fps.add(fp)               # no write since the contents were clean
-    else:
+    """The module's state by reference; checkpoints its store first if rows were written
+    since its last checkpoint."""
+    store = module.store
+    if store.changed:
         store.checkpoint()
-        fp = fingerprint(store.path)
-        held.clean_counts, held.clean_fps = counts, {fp}   # a racing write counts as dirty
-    state = {"format": FORMAT, "path": os.path.abspath(store.path), "dim": module.dim,
-             "dtype": module.dtype_name, "optimizer": module.optimizer, "step": module._step}
-    state.update(zip(FINGERPRINT, fp))
-    state.update({name: getattr(module, name) for name in OPTIONS})
-    state["betas"] = tuple(float(b) for b in module.betas)
-    return state
+    options = {"lr": float(module.lr), "betas": tuple(float(b) for b in module.betas),
+               "weight_decay": float(module.weight_decay), "lr_decay": float(module.lr_decay)}
+    if module.eps is not None:                  # absent: the rule's default
+        options["eps"] = float(module.eps)
+    return {"format": FORMAT, "path": os.path.abspath(store.path),
+            "content_id": int(store.content_id), "dim": module.dim, "dtype": module.dtype_name,
+            "optimizer": module.optimizer, "options": options, "step": module._step}
 
 
-def check_state(module, state) -> tuple:
-    """Validate a saved state against ``module``; returns the fingerprint it refers to.
+def check_state(module, state) -> dict:
+    """Validate a saved state against ``module``; returns its optimizer options.
 
     Raises
     ------
@@ -217,71 +162,76 @@ def check_state(module, state) -> tuple:
         if not isinstance(state.get(name), str):
             raise ValueError(f"KVEmbedding state: field {name!r} must be a string, got "
                              f"{state.get(name)!r}")
-    for name in ("dim", "step") + FINGERPRINT:
+    for name in ("dim", "step", "content_id"):
         value = state.get(name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"KVEmbedding state: field {name!r} must be an integer >= 0, "
                              f"got {value!r}")
+    saved = state.get("options")
+    try:
+        if set(saved) - set(OPTIONS):
+            raise KeyError(sorted(set(saved) - set(OPTIONS)))
+        options = {name: float(saved[name]) for name in ("lr", "weight_decay", "lr_decay")}
+        options["eps"] = None if saved.get("eps") is None else float(saved["eps"])
+        options["betas"] = tuple(float(b) for b in saved["betas"])
+        if len(options["betas"]) != 2:
+            raise ValueError(options["betas"])
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(f"KVEmbedding state: field 'options' must be a dict of {OPTIONS} "
+                         f"(eps optional), got {saved!r}") from None
     diffs = [f"{name}={state[name]!r} (this module has {name}={mine!r})"
              for name, mine in (("dim", module.dim), ("dtype", module.dtype_name),
                                 ("optimizer", module.optimizer)) if state[name] != mine]
     if diffs:
         raise SettingsMismatchError("cannot load a KVEmbedding state saved with other "
                                     "settings: " + ", ".join(diffs))
-    return tuple(state[k] for k in FINGERPRINT)
+    return options
 
 
-def describe(fp) -> str:
-    if fp is None:
-        return "no checkpoint"
-    cid, _, tail, rows, crc = fp
-    return f"checkpoint {cid} (tail {tail}, {rows} rows, index CRC {crc:#010x})"
+def moved_past(path, ref, store) -> MlkvError:
+    since = " and has writes since" if store.changed else ""
+    return MlkvError(
+        f"the store at {path!r} has moved past the saved state: the state names content_id "
+        f"{ref}, the store's last checkpoint has content_id {store.content_id}{since}. A store "
+        f"keeps only its last checkpoint: to load this state, put back at that path a copy "
+        f"of the directory made after state_dict()")
 
 
 def load(module, path, ref):
-    """Make ``module``'s store hold the referenced checkpoint's contents (rules 1-4 of the
-    docstring of :mod:`mlkv.frameworks.torch.modules`)."""
+    """Make ``module``'s store the one at ``path`` holding the rows of ``content_id`` ``ref``
+    (rules 1 and 2 of the docstring of :mod:`mlkv.frameworks.torch.modules`)."""
     held = module._held
-    here = fingerprint(held.store.path)
-    if os.path.realpath(held.store.path) == os.path.realpath(path):
-        if not held.holds(ref):
-            raise MlkvError(
-                f"the state refers to {describe(ref)} of the store at {path!r}, but its last "
-                f"checkpoint is now {describe(here)} with other contents: a store keeps only "
-                f"its last checkpoint (copy its directory after state_dict() to keep one)")
-        return revert(module)
-    try:
-        there = fingerprint(path)
-    except (OSError, MlkvError):
-        there = None
-    if there == ref:
-        new = open_store(module, path, module.dtype_name)
-        if fingerprint(path) != ref:
-            new.close()
-            raise MlkvError(f"the store at {path!r} moved past {describe(ref)} while it was "
-                            f"being opened")
-        module._finalizer()
-        return adopt(module, new, owned=True, tempdir=None)
-    if held.holds(ref):
-        return revert(module)                 # a copy of the referenced store
-    raise MlkvError(
-        f"the state refers to {describe(ref)} of the store at {path!r}, which has "
-        f"{describe(there)} now; this module's store at {held.store.path!r} has "
-        f"{describe(here)}")
-
-
-def revert(module):
-    """Return the module's store to its last checkpoint if it has changed since."""
-    held = module._held
-    if held.is_clean():
+    store = held.store
+    if os.path.realpath(store.path) != os.path.realpath(path):
+        return switch(module, path, ref)
+    if store.content_id != ref:
+        raise moved_past(path, ref, store)
+    if not store.changed:
         return
     if not held.owned:
         raise MlkvError(
-            f"the store at {held.store.path!r} may have changes since its last checkpoint, "
-            f"which the state refers to; the module did not open it (store=), so it does not "
-            f"discard them: close and reopen that store, then load again")
-    path, tempdir, fps = held.store.path, held.tempdir, held.clean_fps
+            f"the store at {path!r} has writes since its last checkpoint, which holds the "
+            f"saved state (content_id {ref}); the module did not open it (store=), so it does "
+            f"not drop them: close it with close(checkpoint=False), reopen it and load again")
     module._finalizer.detach()
-    close_discarding(held.store)
-    adopt(module, open_store(module, path, module.dtype_name), owned=True, tempdir=tempdir)
-    module._held.clean_fps |= fps
+    store.close(checkpoint=False)
+    reopen(module, store.path, module.dtype_name, held.tempdir)
+    if module.store.content_id != ref:           # another process checkpointed in between
+        raise moved_past(path, ref, module.store)
+
+
+def switch(module, path, ref):
+    """Rule 2: open the saved store (it must exist and hold ``ref``) in place of the module's."""
+    if not os.path.isfile(os.path.join(path, config.SETTINGS_FILE)):
+        raise MlkvError(f"the state refers to the store at {path!r}, which does not exist "
+                        f"(this module's store is at {module.store.path!r})")
+    new = open_store(module, path, module.dtype_name)
+    if new.content_id != ref:
+        new.close(checkpoint=False)
+        raise moved_past(path, ref, new)
+    try:
+        module._finalizer()                      # as at close()
+    except BaseException:
+        new.close(checkpoint=False)
+        raise
+    adopt(module, new, owned=True, tempdir=None)

@@ -43,36 +43,37 @@ and the rows come back on ``ids.device`` (one copy each way of the batch's uniqu
 
 *dtype* is the store's: float32 (default) or float64; float16 stores cannot be trained.
 
-*state_dict by reference.* ``state_dict()`` does not copy the table. It makes the store
-durable (``store.checkpoint()``, skipped when the rows have not changed since the last one) and
-saves, under ``<prefix>_extra_state``, a dict of strings, ints and floats: the store's path,
-the checkpoint's fingerprint (id, log markers, row count, index CRC), ``dim``, ``dtype``,
-``optimizer`` and its options, and the step count, so ``torch.load(..., weights_only=True)``
-reads it. ``load_state_dict`` checks ``dim``, ``dtype`` and ``optimizer`` (a difference
-raises :class:`~mlkv.SettingsMismatchError`), takes the options and the step count (as a
-torch optimizer's ``load_state_dict`` does), and finds the saved rows:
+*state_dict by reference.* ``state_dict()`` does not copy the table: it names the rows by
+the store's path and ``content_id``, the id of the last checkpoint that changed a row (a
+checkpoint or compaction that changes no row keeps it). If rows were written since the last
+checkpoint (``store.changed``), it checkpoints first. Under ``<prefix>_extra_state`` it saves
+``{format, path, content_id, dim, dtype, optimizer, options, step}`` (``options``: ``lr``,
+``betas``, ``weight_decay``, ``lr_decay``, and ``eps`` unless the rule's default), strings,
+ints and floats only, so ``torch.load(..., weights_only=True)`` reads it. ``load_state_dict``
+checks ``dim``, ``dtype`` and ``optimizer`` (a difference raises
+:class:`~mlkv.SettingsMismatchError`), takes the options and the step count (as a torch
+optimizer's ``load_state_dict`` does), then:
 
-1. The module's store is at the saved path: its last checkpoint must hold the saved rows
-   (the saved checkpoint, or a later one taken with no write in between). Writes made since
-   are discarded by reopening the store at that checkpoint (only a store the module opened;
-   one passed with ``store=`` raises instead). A store keeps only its last checkpoint: once
-   one is taken after further writes, the saved rows are gone and loading raises
-   :class:`~mlkv.MlkvError` (copy the directory after ``state_dict()`` to keep them).
-2. Otherwise, if the store at the saved path is at the saved checkpoint, the module reopens
-   it there (closing its own store if it opened it); a writer holding that store makes this
-   raise :class:`~mlkv.StoreLockedError`.
-3. Otherwise the module's own store is accepted if its last checkpoint has the saved
-   fingerprint: a copy of the directory made while that checkpoint was the last one (the
-   original has moved on or gone). A different store with the same fingerprint is not told
-   apart; the original path, while it holds the checkpoint, always wins.
-4. Anything else raises :class:`~mlkv.MlkvError` naming what was found.
+1. The module's store is at the saved path. Its ``content_id`` equals the saved one and
+   ``store.changed`` is False: nothing to do. ``store.changed`` is True and its last
+   checkpoint's ``content_id`` is the saved one: the writes since are dropped by closing the
+   store without a checkpoint (``close(checkpoint=False)``) and reopening it with the same
+   options; only a store the module opened (one passed with ``store=`` raises
+   :class:`~mlkv.MlkvError` instead). Another ``content_id``: a checkpoint of changed rows
+   was taken since the save and the store keeps only its last checkpoint, so this raises
+   :class:`~mlkv.MlkvError` naming both ids (to keep a state, copy the directory after
+   ``state_dict()``; put the copy back at the saved path to load it).
+2. The saved path is another store: it must exist and its ``content_id`` must be the saved
+   one (else :class:`~mlkv.MlkvError`; a writer holding it raises
+   :class:`~mlkv.StoreLockedError`). The module opens it and switches to it, releasing its
+   own store as :meth:`~KVEmbedding.close` does (a copy at the module's path is not used).
 
 *Lifetime.* ``path=None`` makes a store in a new temporary directory, removed (without a
 checkpoint) at ``close()`` or when the module is garbage-collected; its ``state_dict`` is
-loadable only while the module lives. A store the module opened is closed at ``close()``, on
-leaving a ``with`` block, at garbage collection or at interpreter exit, with a checkpoint if
-its rows changed since the last one (otherwise without, so the checkpoint a saved state names
-stays the last). A store passed with ``store=`` is left open for its owner to close.
+loadable only while the module lives. A store the module opened is closed with
+``store.close()`` (a checkpoint, which keeps ``content_id`` if no row changed) at ``close()``,
+on leaving a ``with`` block, at garbage collection or at interpreter exit. A store passed
+with ``store=`` is left open for its owner to close.
 
 *Pipeline hooks* (:mod:`mlkv.frameworks.torch.pipeline`): ``_read_gate(module, unique_ids)``
 is called before every store read with the sorted unique int64 ids about to be read;
@@ -173,7 +174,8 @@ class KVEmbedding(nn.Module):
         return _state.TORCH_DTYPES[self.dtype_name]
 
     def close(self) -> None:
-        """Close the store if the module opened it (a temporary one is removed). Idempotent."""
+        """Close the store if the module opened it, with a checkpoint (a temporary one is
+        removed instead). Idempotent."""
         self._finalizer()
 
     def __enter__(self):
@@ -319,18 +321,17 @@ class KVEmbedding(nn.Module):
 
     # ---- state_dict -----------------------------------------------------------------------
     def get_extra_state(self) -> dict:
-        """The module's state by reference (see the module docstring); checkpoints the store."""
+        """The module's state by reference (see the module docstring); checkpoints the
+        store first if rows were written since its last checkpoint."""
         return _state.save(self)
 
     def set_extra_state(self, state) -> None:
         """Load a state saved by :meth:`get_extra_state` (through ``load_state_dict``)."""
-        ref = _state.check_state(self, state)
-        options = {k: state.get(k) for k in _state.OPTIONS}
-        options["eps"] = None if options["eps"] is None else float(options["eps"])
+        options = _state.check_state(self, state)
         hyper_vector(self.optimizer, step=max(1, state["step"]), **options)   # check first
-        _state.load(self, state["path"], ref)
+        _state.load(self, state["path"], state["content_id"])
         for name, value in options.items():
-            setattr(self, name, tuple(value) if name == "betas" else value)
+            setattr(self, name, value)
         self._step = state["step"]
 
 
