@@ -15,7 +15,7 @@ from .engine import verify as verification
 from .engine.device import FileDevice
 from .engine.layout import RecordLayout
 from .engine.policy import CachePolicy
-from .errors import ClosedStoreError, DeviceError, ReadOnlyError
+from .errors import ClosedStoreError, DeviceError, MlkvError, ReadOnlyError
 
 _INIT_KINDS = {name: i for i, name in enumerate(config.INITS)}
 _MAX_NAMED_MISSING = 10
@@ -238,12 +238,24 @@ class Store:
         """Hint: bring the rows of ``keys`` into memory (the mutable region) ahead of use.
 
         Absent keys are ignored; nothing is returned. On a read-only store it does nothing.
+        Its disk reads run without the store's lock, so a training thread's reads and
+        updates go on meanwhile; a row written or moved in between is left as it is.
         """
         keys = inputs.as_keys(keys)
         with self._op():
             if self.readonly:
                 return
-            ops.lookahead(self._engine, keys)
+            pending = ops.read_resident(self._engine, keys, False, ops.LOOKAHEAD_POLICY)
+            begin = self._engine.log.begin
+        try:
+            records = ops.read_disk(self._engine, pending)
+        except MlkvError:
+            with self._op():                # compaction deleted those rows' files meanwhile:
+                if self._engine.log.begin == begin:     # they moved, nothing to bring in
+                    raise
+            return
+        with self._op(write=True):
+            ops.read_finish(self._engine, pending, records)
             self._counts["lookaheads"] += keys.shape[0]
             self._maybe_compact()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import threading
 
 import numpy as np
 
@@ -66,7 +67,12 @@ class FileDevice:
         self.bytes_read = 0
         self.bytes_written = 0
         self._fds = np.full(16, -1, dtype=np.int32)
-        self._scratch = []                      # per thread; sized for the records read
+        # Reads may run outside the store's lock (a lookahead), beside other reads and beside
+        # a compaction: each read takes a scratch set of its own, and files are closed only
+        # once no read is in flight.
+        self._scratch_sets = []                 # free sets: one buffer per I/O thread
+        self._readers = 0
+        self._idle = threading.Condition()
         self._pool = None
         for name in sorted(os.listdir(directory)):
             if name.startswith("segment-") and name.endswith(".log"):
@@ -195,21 +201,32 @@ class FileDevice:
         """Records at sorted, unique ``addrs``, as a uint8 array ``[len(addrs), record_bytes]``."""
         out = np.empty((addrs.shape[0], record_bytes), dtype=np.uint8)
         scratch_bytes = max(MAX_RUN_BYTES, record_bytes) + 2 * self.block_bytes
-        if not self._scratch or self._scratch[0].nbytes < scratch_bytes:
-            self._scratch = [aligned_empty(scratch_bytes) for _ in range(self.io_threads)]
         n_threads = min(self.io_threads, max(1, addrs.shape[0] // MIN_ROWS_PER_THREAD))
         bounds = np.linspace(0, addrs.shape[0], n_threads + 1).astype(np.int64)
-        args = [(addrs[lo:hi], out[lo:hi], self._scratch[t])
-                for t, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
-        if len(args) == 1:
-            results = [self._read_part(*args[0])]
-        else:
-            if self._pool is None:
+        with self._idle:
+            self._readers += 1
+            scratch = self._scratch_sets.pop() if self._scratch_sets else []
+            if self._pool is None and n_threads > 1:
                 self._pool = concurrent.futures.ThreadPoolExecutor(
                     self.io_threads, thread_name_prefix="mlkv-io")
-            results = list(self._pool.map(lambda a: self._read_part(*a), args))
+        try:
+            if not scratch or scratch[0].nbytes < scratch_bytes:
+                scratch = [aligned_empty(scratch_bytes) for _ in range(self.io_threads)]
+            args = [(addrs[lo:hi], out[lo:hi], scratch[t])
+                    for t, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if hi > lo]
+            if len(args) <= 1:
+                results = [self._read_part(*a) for a in args]
+            else:
+                results = list(self._pool.map(lambda a: self._read_part(*a), args))
+        finally:
+            with self._idle:
+                self._scratch_sets.append(scratch)
+                self._readers -= 1
+                self._idle.notify_all()
         self.bytes_read += sum(results)
         return out
+
+
 
     def _read_part(self, addrs, out, scratch, fds=None) -> int:
         got = K.read_records(self._fds if fds is None else fds, self.segment_bits, addrs, out.shape[1],
@@ -228,10 +245,12 @@ class FileDevice:
         """
         if self.readonly:
             raise DeviceError("device is read-only")
-        for s in self.segments():
-            if s < segment:
-                os.close(int(self._fds[s]))
-                self._fds[s] = -1
+        with self._idle:                # no read in flight, and none starts meanwhile
+            self._idle.wait_for(lambda: self._readers == 0)
+            for s in self.segments():
+                if s < segment:
+                    os.close(int(self._fds[s]))
+                    self._fds[s] = -1
         freed = 0
         for name in os.listdir(self.directory):
             if name.startswith("segment-") and name.endswith(".log") and int(name[8:-4]) < segment:
@@ -241,12 +260,14 @@ class FileDevice:
         return freed
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-        for s in self.segments():
-            os.close(int(self._fds[s]))
-            self._fds[s] = -1
+        with self._idle:
+            self._idle.wait_for(lambda: self._readers == 0)
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+            for s in self.segments():
+                os.close(int(self._fds[s]))
+                self._fds[s] = -1
 
 
 def _direct_block_bytes(directory: str) -> int:

@@ -69,14 +69,40 @@ def _run(eng: Engine, step) -> None:
     eng.log.shift_read_only()
 
 
+@dataclasses.dataclass
+class PendingRead:
+    """A read between its passes: what the resident pass found, and the rows it left on disk."""
+
+    keys: np.ndarray
+    want_values: bool
+    policy: int
+    out: np.ndarray
+    addrs: np.ndarray
+    cold_pos: np.ndarray             # positions in ``keys`` of the rows on disk
+    unique_addrs: np.ndarray         # their records' addresses, sorted, each once
+    first: np.ndarray                # a position in ``cold_pos`` of each unique address
+    rec_index: np.ndarray            # the unique address of each position in ``cold_pos``
+
+
 def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: int | None = None):
     """Values of ``keys`` (``[n, dim]``) and their addresses (-1 where missing).
 
     1. Rows in memory are served in one kernel pass; rows below ``read_only`` that the
        policy admits are first copied to the tail. Rows on disk are listed.
     2. The listed rows are read from disk at once, address-sorted, each record once however
-       often its key repeats in the batch, and copied to the tail where the policy admits.
+       often its key repeats in the batch, and checked against their checksums.
+    3. They are copied to the tail where the policy admits, if their key still points there.
+
+    The store runs all three under its lock, except for a lookahead: its disk reads (2) run
+    without it, so other threads go on meanwhile (see :meth:`mlkv.Store.lookahead`).
     """
+    pending = read_resident(eng, keys, want_values, policy_code)
+    return read_finish(eng, pending, read_disk(eng, pending))
+
+
+def read_resident(eng: Engine, keys: np.ndarray, want_values: bool = True,
+                  policy_code: int | None = None) -> PendingRead:
+    """Step 1 of :func:`read`."""
     log, idx = eng.log, eng.index
     policy = eng.policy.code if policy_code is None else policy_code
     n = keys.shape[0]
@@ -95,27 +121,44 @@ def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: i
         return None if pos == n else pos
 
     _run(eng, serve_resident)
+    cold_pos = cold_pos[:n_cold]
+    unique_addrs, first, rec_index = np.unique(addrs[cold_pos], return_index=True,
+                                               return_inverse=True)
+    return PendingRead(keys, want_values, policy, out, addrs, cold_pos, unique_addrs, first,
+                       rec_index)
+
+
+def read_disk(eng: Engine, pending: PendingRead) -> np.ndarray:
+    """Step 2 of :func:`read`: the records on disk, checked; touches only the device."""
+    if not pending.cold_pos.shape[0]:
+        return np.empty((0, eng.layout.record_bytes), dtype=np.uint8)
+    records = eng.device.read_records(pending.unique_addrs, eng.layout.record_bytes)
+    _check_records(eng, records.view(np.int64), pending.unique_addrs,
+                   pending.keys[pending.cold_pos[pending.first]])
+    return records
+
+
+def read_finish(eng: Engine, pending: PendingRead, records: np.ndarray):
+    """Step 3 of :func:`read`; returns its ``(values, addresses)``."""
+    log, idx, p = eng.log, eng.index, pending
+    n, n_cold = p.keys.shape[0], p.cold_pos.shape[0]
     if n_cold:
-        cold_pos = cold_pos[:n_cold]
-        cold_addrs = addrs[cold_pos]
-        unique_addrs, first, rec_index = np.unique(cold_addrs, return_index=True,
-                                                   return_inverse=True)
-        records = eng.device.read_records(unique_addrs, eng.layout.record_bytes)
+        cold_addrs = p.addrs[p.cold_pos]
         rec_words, rec_vals = records.view(np.int64), records.view(kernel_dtype(eng.dtype))
-        _check_records(eng, rec_words, unique_addrs, keys[cold_pos[first]])
+        out_bits = p.out.view(kernel_dtype(eng.dtype))
 
         def finish(pos):
             pos = K.finish_cold(
-                idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo, log.marks, keys,
-                cold_pos, cold_addrs, rec_words, rec_vals, rec_index, pos, want_values,
-                out_bits, policy, eng.policy.counters)
+                idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo, log.marks,
+                p.keys, p.cold_pos, cold_addrs, rec_words, rec_vals, p.rec_index, pos,
+                p.want_values, out_bits, p.policy, eng.policy.counters)
             return None if pos == n_cold else pos
 
         _run(eng, finish)
     eng.policy.after_reads(n)
     eng.counts["misses"] += n_cold
-    eng.counts["hits"] += n - n_cold - int(np.count_nonzero(addrs < 0))   # absent: neither
-    return out, addrs
+    eng.counts["hits"] += n - n_cold - int(np.count_nonzero(p.addrs < 0))   # absent: neither
+    return p.out, p.addrs
 
 
 def _check_records(eng: Engine, rec_words, addrs, keys) -> None:
@@ -177,9 +220,13 @@ def create_missing(eng: Engine, keys: np.ndarray, init_kind: int, init_scale: fl
     return absent.shape[0]
 
 
+#: a lookahead copies every row it reaches to the tail, whatever the store's policy
+LOOKAHEAD_POLICY = K.POLICY_SECOND_CHANCE
+
+
 def lookahead(eng: Engine, keys: np.ndarray) -> None:
     """Bring the rows of ``keys`` to the mutable region (absent keys are skipped)."""
-    read(eng, keys, want_values=False, policy_code=K.POLICY_SECOND_CHANCE)
+    read(eng, keys, want_values=False, policy_code=LOOKAHEAD_POLICY)
 
 
 def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_state_dim: int,
