@@ -88,19 +88,17 @@ class Store:
                  auto_compact=DEFAULT_AUTO_COMPACT):
         if auto_compact is not None and not 0 <= auto_compact < 1:
             raise ValueError(f"auto_compact must be a share in [0, 1) or None, got {auto_compact!r}")
-        self.auto_compact = auto_compact or None
-        self.path = path
-        self.readonly = readonly
-        self._lock = threading.RLock()
-        self._lock_fd = None
-        self._closed = True
-        self._failure = None
+        self.auto_compact, self.path, self.readonly = auto_compact or None, path, readonly
+        self._lock, self._lock_fd = threading.RLock(), None
+        self._closed, self._failure = True, None
         self.settings, memory_bytes, policy = config.resolve(path, requested, memory_bytes,
                                                              policy, readonly)
         # A read-only store never writes, so it cannot copy reads to the tail.
         policy_obj = CachePolicy("fifo" if readonly else policy)
         self._policy_name = policy_obj.name
         s = self.settings
+        #: get_or_init's initializer, as the kernels take it: (kind, scale, seed)
+        self._init = (_INIT_KINDS[s.init], s.init_scale, s.seed)
         self.layout = RecordLayout(s.dim, s.np_dtype.itemsize, s.state_dim, s.page_bits,
                                    s.segment_bits)
         self.layout.check(memory_bytes, config.MIN_FRAMES)
@@ -187,15 +185,9 @@ class Store:
     def get_or_init(self, keys) -> np.ndarray:
         """Rows of ``keys``; absent keys are first created with the store's initializer."""
         keys = inputs.as_keys(keys)
-        s = self.settings
         with self._op(write=True):
-            out, addrs = ops.read(self._engine, keys)
-            missing = addrs < 0
-            if missing.any():              # create them, then read their new rows
-                absent = keys[missing]
-                self._counts["created"] += ops.create_missing(
-                    self._engine, absent, _INIT_KINDS[s.init], s.init_scale, s.seed)
-                out[missing] = ops.read(self._engine, absent)[0]
+            out, created = ops.read_or_init(self._engine, keys, self._init)
+            self._counts["created"] += created
             self._counts["gets"] += keys.shape[0]
             self._maybe_compact()
         return out
@@ -213,10 +205,9 @@ class Store:
         keys = inputs.as_keys(keys)
         grads = inputs.as_values(grads, keys.shape[0], self.dim, self.dtype)
         code, need, hyper = rules.check_update(rule, hyper, self.dim, self.dtype, self.state_dim)
-        s = self.settings
         with self._op(write=True):
             self._counts["updates"] += ops.update(self._engine, keys, grads, code, need, hyper,
-                                                  (_INIT_KINDS[s.init], s.init_scale, s.seed))
+                                                  self._init)
             self._maybe_compact()
 
     def contains(self, keys) -> np.ndarray:
@@ -341,10 +332,8 @@ class Store:
         return sum(self._counts[k] for k in ("puts", "updates", "deletes", "created"))
 
     def _committed(self, checkpoint_id: int) -> None:
-        self.checkpoint_id = checkpoint_id
-        if self.changed or not self.content_id:
-            self.content_id = checkpoint_id
-        self._writes_at_checkpoint = self._writes()
+        self.content_id = checkpoint_id if self.changed or not self.content_id else self.content_id
+        self.checkpoint_id, self._writes_at_checkpoint = checkpoint_id, self._writes()
 
     def close(self, checkpoint: bool = True) -> None:
         """Checkpoint (unless read-only) and release memory, files and the lock. Idempotent.
