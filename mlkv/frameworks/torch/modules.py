@@ -95,7 +95,7 @@ import mlkv
 from mlkv.engine._rule_kernels import hyper_vector
 
 from . import _state
-from ._autograd import check_ids, coalesce, lookup_table
+from ._autograd import check_ids, coalesce, lookup, lookup_table
 
 _CHUNK = 1 << 16          # rows per store call in to_dense / from_dense
 
@@ -204,8 +204,7 @@ class KVEmbedding(nn.Module):
             ``(*ids.shape, dim)`` on ``ids.device``, requiring grad when grad mode is on.
         """
         check_ids(ids)
-        table, inverse, local_pad = lookup_table(self, ids)
-        return F.embedding(inverse, table, padding_idx=local_pad)
+        return lookup(self, ids)
 
     def _read_rows(self, unique_ids: np.ndarray) -> np.ndarray:
         """Rows of sorted unique ids; the read gate first, unseen ids created."""
