@@ -24,6 +24,7 @@ import os
 import pytest
 
 import benchlib
+import summary
 from benchlib import DIM
 
 MiB = 1 << 20
@@ -120,7 +121,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["mlkv_command"] = _command(config)
-    output_json["mlkv_summary"] = benchlib.summarize(output_json.get("benchmarks", []))
+    output_json["mlkv_summary"] = summary.summarize(output_json.get("benchmarks", []))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -133,7 +134,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             dicts.append(b.as_dict(include_data=False))
         except Exception:  # noqa: BLE001 -- a summary must never fail the run
             continue
-    text = benchlib.markdown(benchlib.summarize(dicts))
+    text = summary.markdown(summary.summarize(dicts))
     if text:
         terminalreporter.write_sep("=", "mlkv benchmark summary (rows/s and ratios)")
         terminalreporter.write_line(text)

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import benchlib  # noqa: E402
+import summary  # noqa: E402
 
 
 def render(data: dict, source: str = "") -> str:
@@ -42,7 +42,7 @@ def render(data: dict, source: str = "") -> str:
         lines += ["## Command", "", "```", data["mlkv_command"], "```", ""]
     lines += ["## Results", "", "Rows/s are rows per second of the median timed round; a round "
               "is a fixed list of batches of 4,096 keys.", "",
-              benchlib.markdown(benchlib.summarize(data.get("benchmarks", [])))]
+              summary.markdown(summary.summarize(data.get("benchmarks", [])))]
     return "\n".join(lines)
 
 
