@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mlkv.frameworks.torch import KVEmbedding, KVEmbeddingBag, Pipeline
-from mlkv.frameworks.torch import pipeline as pipeline_module
+from mlkv.frameworks.torch import _staleness
 from mlkv.frameworks.torch.pipeline import PipelineError, PipelineTimeout
 
 DIM = 8
@@ -136,17 +136,17 @@ def test_bounded_staleness(tmp_path, serial, monkeypatch):
     for table in (model.user, model.item, model.hist):
         table._apply_update = counting_apply(table, table._apply_update)
 
-    original_gate = pipeline_module._Run.gate
+    original_gate = _staleness.BoundedStaleness.gate
 
-    def gate(run, module, ids):
-        original_gate(run, module, ids)
+    def gate(bounded, module, ids):
+        original_gate(bounded, module, ids)
         with lock:      # after the gate, before the read: unapplied updates of each row
             for i in ids.tolist():
                 pending = reads.get((module, i), 0) - applied.get((module, i), 0)
                 worst[0] = max(worst[0], pending)
                 reads[module, i] = reads.get((module, i), 0) + 1
 
-    monkeypatch.setattr(pipeline_module._Run, "gate", gate)
+    monkeypatch.setattr(_staleness.BoundedStaleness, "gate", gate)
     with Pipeline(make_batches(), model.tables(), lookahead=2, staleness=s) as pipe:
         losses = train(model, None, pipe, epochs=2)
         stats = pipe.stats()
