@@ -1,14 +1,18 @@
-"""``mlkv demo``: a table eight times larger than its memory budget, written and read back.
+"""``mlkv demo``: a table eight times larger than its memory budget, then a model trained on it.
 
-It writes ``table_rows`` rows whose values are a function of the key (so the demo never keeps
-the table in memory itself), reads every row back in random batches, checks each one, and
-prints rows/s, disk bytes read per row and the process's resident memory.
+The store part (:func:`run`) writes ``table_rows`` rows whose values are a function of the
+key (so the demo never keeps the table in memory itself), reads every row back in random
+batches, checks each one, and prints rows/s, disk bytes read per row and the process's
+resident memory. The training part (:mod:`mlkv.demo_train`) trains a rating model on
+MovieLens-100K with its tables in memory and with them in mlkv stores a fraction of which
+fits in memory, and compares the two. :func:`main` runs both, as the ``mlkv demo`` command.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -110,3 +114,48 @@ def run(memory_mib: int = 32, ratio: int = 8, dim: int = 64, batch: int = 4096,
     finally:
         if owned:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def main(store: dict | None = None, train: dict | None = None, path: str | None = None,
+         out=print) -> int:
+    """Run the demo's parts; returns the command's exit status.
+
+    Parameters
+    ----------
+    store, train : dict or None
+        Keyword arguments of :func:`run` (the store part) and of
+        :func:`mlkv.demo_train.run` (the training part); None skips that part.
+    path : str, optional
+        Keep the stores under this directory (default: temporary directories, removed).
+    out : callable
+        Receives each line of the report (failures go to stderr too).
+
+    Returns
+    -------
+    int
+        0 when every part that ran passed; 1 when the training part's RMSEs are further
+        apart than its tolerance, or when it was the only part asked for and could not run
+        (torch or the recbole wheel missing: it says what to install). A row read back wrong
+        exits through ``SystemExit`` in :func:`run`.
+    """
+    t0 = time.perf_counter()
+    if store is not None:
+        run(**store, path=path, out=out)
+    if train is not None:
+        from . import demo_train
+        out("mlkv demo, training: the same model with its tables in memory and in mlkv stores")
+        result = demo_train.run(**train, path=path and os.path.join(path, "train"), out=out)
+        if result["skipped"] is not None:
+            if store is None:
+                return 1
+        elif not result["ok"]:
+            message = (f"mlkv demo: FAILED: the mlkv model's test RMSE "
+                       f"{result['rmse_mlkv']:.4f} is {result['relative_difference']:.2%} "
+                       f"from the in-memory model's {result['rmse_memory']:.4f}, more than "
+                       f"the {result['tolerance']:.0%} allowed")
+            if out is not print:
+                out(message)
+            print(message, file=sys.stderr)
+            return 1
+    out(f"mlkv demo: done in {time.perf_counter() - t0:.0f} s")
+    return 0
