@@ -192,7 +192,7 @@ class Store:
             self._maybe_compact()
         return out
 
-    def update(self, keys, grads, rule: str, hyper) -> None:
+    def update(self, keys, grads, rule: str, hyper, unique: bool = False) -> None:
         """Fused optimizer step: apply update ``rule`` to the rows of ``keys``.
 
         ``grads`` is ``[n, dim]`` in the store's dtype; gradients of repeated keys are summed
@@ -200,14 +200,15 @@ class Store:
         store's initializer. The rule reads and writes the row and its optimizer state
         together, in place where the row is mutable. ``rule`` and ``hyper`` (the float64
         options vector) are described in :mod:`mlkv.engine._rule_kernels`; the store needs
-        at least the rule's ``state_dim``. float16 stores cannot be trained.
+        at least the rule's ``state_dim``. float16 stores cannot be trained. ``unique=True``:
+        the caller knows the keys are distinct, and the coalescing is skipped.
         """
         keys = inputs.as_keys(keys)
         grads = inputs.as_values(grads, keys.shape[0], self.dim, self.dtype)
         code, need, hyper = rules.check_update(rule, hyper, self.dim, self.dtype, self.state_dim)
         with self._op(write=True):
             self._counts["updates"] += ops.update(self._engine, keys, grads, code, need, hyper,
-                                                  self._init)
+                                                  self._init, unique)
             self._maybe_compact()
 
     def contains(self, keys) -> np.ndarray:

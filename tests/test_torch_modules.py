@@ -229,10 +229,10 @@ def test_read_gate_and_update_sink(make):
     calls.clear()
     emb(torch.tensor([[9, 2], [2, 5]])).sum().backward()
     assert [c[0] for c in calls] == ["gate", "sink"] and calls[0][1] is emb
-    np.testing.assert_array_equal(calls[0][2], [2, 5, 9])
+    np.testing.assert_array_equal(calls[0][2], [9, 2, 5])     # distinct, first seen first
     _, _, ids, grads, step = calls[1]
-    np.testing.assert_array_equal(ids, [2, 5, 9])
-    np.testing.assert_array_equal(grads, [[2] * DIM, [1] * DIM, [1] * DIM])
+    np.testing.assert_array_equal(ids, [9, 2, 5])
+    np.testing.assert_array_equal(grads, [[1] * DIM, [2] * DIM, [1] * DIM])
     assert step == 1 and grads.dtype == np.float32
     assert np.array_equal(before, emb.store.get([2, 5, 9]))      # the sink got it instead
     thread = threading.Thread(target=emb._apply_update, args=(ids, grads, step))

@@ -243,21 +243,23 @@ def lookahead(eng: Engine, keys: np.ndarray) -> None:
 
 
 def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_state_dim: int,
-           hyper: np.ndarray, init) -> int:
+           hyper: np.ndarray, init, unique: bool = False) -> int:
     """Apply an update rule to the rows of ``keys`` (see :mod:`._update_kernels`); returns
     how many rows were updated.
 
-    0. The gradients of repeated keys are summed, as torch coalesces a sparse gradient.
+    0. The gradients of repeated keys are summed, as torch coalesces a sparse gradient
+       (unless the caller says the keys are ``unique``).
     1. The rows are brought into the mutable region (the lookahead path) and absent keys
        created with ``init = (kind, scale, seed)``, a share of the buffer pool at a time.
     2. One kernel pass applies the rule in place. A row evicted in between (a batch larger
        than the pool) sends the loop back to step 1 from there.
     """
-    if keys.shape[0] > 1 and not (keys[1:] > keys[:-1]).all():     # not already unique
-        unique, inverse = np.unique(keys, return_inverse=True)
-        summed = np.zeros((unique.shape[0], grads.shape[1]), dtype=grads.dtype)
-        np.add.at(summed, inverse, grads)
-        keys, grads = unique, summed
+    if not unique and keys.shape[0] > 1 and not (keys[1:] > keys[:-1]).all():
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        if distinct.shape[0] < keys.shape[0]:
+            summed = np.zeros((distinct.shape[0], grads.shape[1]), dtype=grads.dtype)
+            np.add.at(summed, inverse, grads)
+            keys, grads = distinct, summed
     log = eng.log
     # rows brought in per round: a quarter of the pool, so none is evicted before its update
     chunk = max(1, log.n_frames // 4 * eng.layout.records_per_page)

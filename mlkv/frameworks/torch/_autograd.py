@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._batch_kernels import unique_inverse
+
 
 class StoreRows(torch.autograd.Function):
     """``W = rows`` with a backward that hands ``dL/dW`` to ``module._receive_grad``.
@@ -60,17 +62,11 @@ class Lookup(torch.autograd.Function):
 
 def lookup(module, ids: torch.Tensor) -> torch.Tensor:
     """``module``'s rows of ``ids``: ``(*ids.shape, dim)`` on ``ids.device``."""
-    flat = ids.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
-    unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-    unique_ids = unique.numpy()
+    unique_ids, inverse = distinct(ids)
     rows = torch.from_numpy(module._read_rows(unique_ids))
     inverse = inverse.reshape(ids.shape)
     if torch.is_grad_enabled():
-        local_pad = None
-        if module.padding_idx is not None:
-            pos = int(np.searchsorted(unique_ids, module.padding_idx))
-            if pos < unique_ids.shape[0] and unique_ids[pos] == module.padding_idx:
-                local_pad = pos
+        local_pad = position_of(unique_ids, module.padding_idx)
         anchor = torch.empty(0, requires_grad=True)
         out = Lookup.apply(anchor, module, unique_ids, rows, inverse, local_pad)
     else:
@@ -86,21 +82,31 @@ def lookup_table(module, ids: torch.Tensor):
     ``ids``'s shape and device, ``local_pad`` the row of ``module.padding_idx`` in ``W`` (or
     None when that id is not in the batch).
     """
-    flat = ids.detach().reshape(-1).to(device="cpu", dtype=torch.int64)
-    unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-    unique_ids = unique.numpy()
+    unique_ids, inverse = distinct(ids)
     rows = module._read_rows(unique_ids)
-    local_pad = None
-    if module.padding_idx is not None:
-        pos = int(np.searchsorted(unique_ids, module.padding_idx))
-        if pos < unique_ids.shape[0] and unique_ids[pos] == module.padding_idx:
-            local_pad = pos
+    local_pad = position_of(unique_ids, module.padding_idx)
     if torch.is_grad_enabled():
         anchor = torch.empty(0, requires_grad=True)
         table = StoreRows.apply(anchor, module, unique_ids, rows, local_pad)
     else:
         table = torch.from_numpy(rows)
-    return (table.to(ids.device), inverse.reshape(ids.shape).to(ids.device), local_pad)
+    return table.to(ids.device), inverse.reshape(ids.shape).to(ids.device), local_pad
+
+
+def distinct(ids: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """The distinct ids of a batch (int64, first-seen order) and, for every position, the
+    index of its id among them (a flat CPU LongTensor)."""
+    flat = ids.detach().reshape(-1).to(device="cpu", dtype=torch.int64).numpy()
+    unique_ids, inverse = unique_inverse(np.ascontiguousarray(flat))
+    return unique_ids, torch.from_numpy(inverse)
+
+
+def position_of(unique_ids: np.ndarray, padding_idx) -> int | None:
+    """Where ``padding_idx`` is among ``unique_ids`` (None if absent or no padding)."""
+    if padding_idx is None:
+        return None
+    hits = np.flatnonzero(unique_ids == padding_idx)
+    return int(hits[0]) if hits.shape[0] else None
 
 
 def check_ids(ids, what: str = "ids") -> None:

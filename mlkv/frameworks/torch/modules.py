@@ -76,7 +76,7 @@ on leaving a ``with`` block, at garbage collection or at interpreter exit. A sto
 with ``store=`` is left open for its owner to close.
 
 *Pipeline hooks* (:mod:`mlkv.frameworks.torch.pipeline`): ``_read_gate(module, unique_ids)``
-is called before every store read with the sorted unique int64 ids about to be read;
+is called before every store read with the distinct int64 ids about to be read;
 ``_update_sink(module, unique_ids, grads, step)``, when set, receives each step's coalesced
 update instead of the module applying it with ``_apply_update(unique_ids, grads, step)``,
 which may be called from any thread.
@@ -207,15 +207,14 @@ class KVEmbedding(nn.Module):
         return lookup(self, ids)
 
     def _read_rows(self, unique_ids: np.ndarray) -> np.ndarray:
-        """Rows of sorted unique ids; the read gate first, unseen ids created."""
+        """Rows of distinct ids; the read gate first, unseen ids created."""
         if self._read_gate is not None:
             self._read_gate(self, unique_ids)
         store, pad = self.store, self.padding_idx
         if store.readonly:
             return store.get(unique_ids)
         if pad is not None:
-            pos = np.searchsorted(unique_ids, pad)
-            if pos < unique_ids.shape[0] and unique_ids[pos] == pad and pad not in store:
+            if (unique_ids == pad).any() and pad not in store:
                 store.put([pad], np.zeros((1, self.dim), dtype=store.dtype))
         return store.get_or_init(unique_ids)
 
@@ -250,7 +249,7 @@ class KVEmbedding(nn.Module):
     def _apply_update(self, unique_ids: np.ndarray, grads: np.ndarray, step: int) -> None:
         """Run the update rule with step count ``step`` on these rows (any thread)."""
         if unique_ids.shape[0]:
-            self.store.update(unique_ids, grads, self.optimizer, self._hyper(step))
+            self.store.update(unique_ids, grads, self.optimizer, self._hyper(step), unique=True)
 
     def step(self) -> None:
         """``fused=False``: apply the gradient summed since the last step as one optimizer

@@ -1,0 +1,40 @@
+"""Numba kernels over one batch of ids: no torch here, plain int64 arrays.
+
+``torch.unique(sorted=True, return_inverse=True)`` sorts the batch; a lookup only needs each
+distinct id once and where every position's id went. A small open-addressing table does that
+in one pass, in first-seen order, several times faster than the sort for batches of
+thousands of ids.
+"""
+
+import numpy as np
+
+from ..._jit import kernel
+from ...engine._index_kernels import mix64
+
+
+@kernel
+def unique_inverse(ids):
+    """``(unique, inverse)``: the distinct ``ids`` in first-seen order, and for each position
+    the index of its id in ``unique`` (``unique[inverse] == ids``)."""
+    n = ids.shape[0]
+    capacity = 16
+    while capacity < 2 * n:
+        capacity *= 2
+    mask = np.uint64(capacity - 1)
+    table_ids = np.empty(capacity, dtype=np.int64)
+    table_pos = np.full(capacity, -1, dtype=np.int64)    # index into unique; -1: empty
+    unique = np.empty(n, dtype=np.int64)
+    inverse = np.empty(n, dtype=np.int64)
+    n_unique = 0
+    for i in range(n):
+        key = ids[i]
+        slot = np.int64(mix64(np.uint64(key)) & mask)
+        while table_pos[slot] >= 0 and table_ids[slot] != key:
+            slot = (slot + 1) & (capacity - 1)
+        if table_pos[slot] < 0:
+            table_ids[slot] = key
+            table_pos[slot] = n_unique
+            unique[n_unique] = key
+            n_unique += 1
+        inverse[i] = table_pos[slot]
+    return unique[:n_unique], inverse
