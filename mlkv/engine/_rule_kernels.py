@@ -149,6 +149,8 @@ def apply_rule(rule, value_row, state_row, grad_row, hyper):
     hyper : 1-D float64 array
         From :func:`hyper_vector`.
     """
+    # np.sqrt keeps the row's dtype (math.sqrt would widen float32 to float64): the
+    # arithmetic stays in float32 as torch's does, and vectorizes
     t = value_row.dtype.type
     dim = value_row.shape[0]
     if rule == RULE_SGD:                 # param.add_(grad, alpha=-lr)
@@ -161,7 +163,7 @@ def apply_rule(rule, value_row, state_row, grad_row, hyper):
             g = t(grad_row[j])
             s = t(state_row[j]) + g * g
             state_row[j] = s
-            value_row[j] += neg_clr * (g / (math.sqrt(s) + eps))
+            value_row[j] += neg_clr * (g / (np.sqrt(s) + eps))
     elif rule == RULE_ROWWISE_ADAGRAD:
         neg_clr, eps, wd = t(-_clr(hyper)), t(hyper[H_EPS]), t(hyper[H_WEIGHT_DECAY])
         square_sum = 0.0                 # float64 accumulator of the row dtype's squares
@@ -170,7 +172,7 @@ def apply_rule(rule, value_row, state_row, grad_row, hyper):
             square_sum += g * g
         a = t(state_row[0]) + t(square_sum / dim)
         state_row[0] = a
-        std = math.sqrt(a) + eps
+        std = np.sqrt(a) + eps
         for j in range(dim):
             g = t(grad_row[j]) + wd * value_row[j]
             value_row[j] += neg_clr * (g / std)
@@ -185,7 +187,7 @@ def apply_rule(rule, value_row, state_row, grad_row, hyper):
             m = m + (g - m) * one_minus_b1
             v = v + (g * g - v) * one_minus_b2
             state_row[j], state_row[dim + j] = m, v
-            value_row[j] += neg_step_size * (m / (math.sqrt(v) + eps))
+            value_row[j] += neg_step_size * (m / (np.sqrt(v) + eps))
 
 
 @kernel
