@@ -122,8 +122,11 @@ def read_resident(eng: Engine, keys: np.ndarray, want_values: bool = True,
 
     _run(eng, serve_resident)
     cold_pos = cold_pos[:n_cold]
-    unique_addrs, first, rec_index = np.unique(addrs[cold_pos], return_index=True,
-                                               return_inverse=True)
+    if n_cold:
+        unique_addrs, first, rec_index = np.unique(addrs[cold_pos], return_index=True,
+                                                   return_inverse=True)
+    else:                             # all in memory: the common case of a warm store
+        unique_addrs = first = rec_index = cold_pos
     return PendingRead(keys, want_values, policy, out, addrs, cold_pos, unique_addrs, first,
                        rec_index)
 
