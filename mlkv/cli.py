@@ -19,6 +19,9 @@ def _info(args) -> int:
             "record_bytes": stats["record_bytes"],
             "addresses": stats["addresses"],
             "checkpoint_id": stats["checkpoint_id"],
+            "content_id": stats["content_id"],
+            "dead_bytes": int(stats["dead_fraction"] * (stats["addresses"]["tail"]
+                                                         - stats["addresses"]["begin"])),
             "disk_bytes": stats["disk_bytes"],
             "segments": stats["segments"],
             "dead_fraction": stats["dead_fraction"],
@@ -39,9 +42,10 @@ def _info(args) -> int:
     a = info["addresses"]
     print(f"markers     begin={a['begin']:,} head={a['head']:,} read_only={a['read_only']:,} "
           f"tail={a['tail']:,}")
-    print(f"checkpoint  {info['checkpoint_id']}")
+    print(f"checkpoint  {info['checkpoint_id']} (rows last changed at checkpoint "
+          f"{info['content_id']})")
     print(f"disk        {info['disk_bytes'] / mib:,.1f} MiB in {info['segments']} segment files, "
-          f"{info['dead_fraction']:.0%} of the log dead")
+          f"{info['dead_bytes'] / mib:,.1f} MiB ({info['dead_fraction']:.0%}) of the log dead")
     print(f"memory      buffer pool {info['memory_bytes'] / mib:,.1f} MiB, index "
           f"{info['index_bytes'] / mib:,.1f} MiB; policy {info['policy']}")
     return 0

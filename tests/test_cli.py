@@ -34,7 +34,11 @@ def test_info_json_matches_the_store(tmp_path, capsys):
     segment_bytes = sum(os.path.getsize(tmp_path / "s" / f) for f in os.listdir(tmp_path / "s")
                         if f.startswith("segment-"))
     assert info["disk_bytes"] == segment_bytes > 0
-    assert info["checkpoint_id"] >= 1
+    assert info["checkpoint_id"] >= 1 and 1 <= info["content_id"] <= info["checkpoint_id"]
+    # dead bytes: the log's bytes not held by a live row (10 deleted rows, their tombstones)
+    log_bytes = a["tail"] - a["begin"]
+    live = rows * info["record_bytes"]
+    assert abs(info["dead_bytes"] - (log_bytes - live)) <= 1
 
 
 def test_info_text_and_python_dash_m(tmp_path):
