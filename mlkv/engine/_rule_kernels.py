@@ -190,12 +190,23 @@ def apply_rule(rule, value_row, state_row, grad_row, hyper):
             value_row[j] += neg_step_size * (m / (np.sqrt(v) + eps))
 
 
-@kernel
-def apply_rules(rule, values, state, grads, hyper):
-    """:func:`apply_rule` on every row: ``values [n, dim]``, ``state [n, state_dim]``,
-    ``grads [n, dim]`` (one row per unique id)."""
-    for i in range(values.shape[0]):
-        apply_rule(rule, values[i], state[i], grads[i], hyper)
+def _apply_rules_for(rule):
+    """The kernel below with ``rule`` fixed when it compiles (see APPLY_RULES)."""
+
+    @kernel
+    def apply_rules(values, state, grads, hyper):
+        """:func:`apply_rule` on every row: ``values [n, dim]``, ``state [n, state_dim]``,
+        ``grads [n, dim]`` (one row per unique id)."""
+        for i in range(values.shape[0]):
+            apply_rule(rule, values[i], state[i], grads[i], hyper)
+
+    return apply_rules
+
+
+#: ``apply_rules`` per rule code, each compiled with its rule as a constant: a rule chosen at
+#: run time inside the row loop keeps every rule's loops and LLVM vectorizes none of them
+#: (3-5x slower a row). :mod:`._update_kernels` specializes its kernel the same way.
+APPLY_RULES = tuple(_apply_rules_for(rule) for rule in range(len(RULES)))
 
 
 def apply(rule_name: str, values: np.ndarray, state: np.ndarray, grads: np.ndarray,
@@ -247,7 +258,7 @@ def apply(rule_name: str, values: np.ndarray, state: np.ndarray, grads: np.ndarr
     for name, arr in (("values", values), ("state", state)):
         if not arr.flags.writeable:
             raise ValueError(f"{name} must be writeable: the rule updates it in place")
-    apply_rules(rule, values, state, grads, hyper)
+    APPLY_RULES[rule](values, state, grads, hyper)
 
 
 def check_update(rule_name: str, hyper, dim: int, dtype, store_state_dim: int):

@@ -264,13 +264,14 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
             np.add.at(summed, inverse, grads)
             keys, grads = distinct, summed
     log = eng.log
+    update_rows = UK.UPDATE_ROWS[rule]
     # rows brought in per round: a quarter of the pool, so none is evicted before its update
     chunk = max(1, log.n_frames // 4 * eng.layout.records_per_page)
 
     def run(pos):
-        return UK.update_rows(
+        return update_rows(
             eng.index.slot_keys, eng.index.slot_addrs, log.words, log.vals, log.f32, log.dirty,
-            log.geo, log.marks, keys, grads, rule, rule_state_dim, hyper, pos)
+            log.geo, log.marks, keys, grads, rule_state_dim, hyper, pos)
 
     pos, status = run(0)          # training rows were just read: usually all in memory
     while status != UK.DONE:
