@@ -56,7 +56,7 @@ class Lookup(torch.autograd.Function):
         grad_out = grad_out.reshape(-1, grad_out.shape[-1])
         grad = torch.zeros(ctx.n_rows, grad_out.shape[1], dtype=grad_out.dtype)
         grad.index_add_(0, inverse.reshape(-1), grad_out.to(grad.device))
-        ctx.module._receive_grad(ctx.unique_ids, grad, ctx.local_pad)
+        ctx.module._receive_grad(ctx.unique_ids, grad, ctx.local_pad, owned=True)
         return None, None, None, None, None, None
 
 

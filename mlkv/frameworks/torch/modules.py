@@ -223,14 +223,15 @@ class KVEmbedding(nn.Module):
         return hyper_vector(self.optimizer, self.lr, self.eps, self.betas, self.weight_decay,
                             self.lr_decay, step)
 
-    def _receive_grad(self, unique_ids, grad, local_pad):
-        """Backward of a lookup: ``grad`` is the coalesced gradient of ``unique_ids``' rows."""
+    def _receive_grad(self, unique_ids, grad, local_pad, owned=False):
+        """Backward of a lookup: ``grad`` is the coalesced gradient of ``unique_ids``' rows;
+        ``owned``: a fresh tensor no one else holds (else it is copied: updates may wait)."""
         g = grad.detach().cpu().numpy()
         if local_pad is not None:
             keep = np.ones(unique_ids.shape[0], dtype=bool)
             keep[local_pad] = False
             unique_ids, g = unique_ids[keep], g[keep]
-        g = np.array(g, dtype=self.store.dtype, order="C", copy=True)
+        g = np.array(g, dtype=self.store.dtype, order="C", copy=None if owned else True)
         with self._grad_lock:
             if not self.fused:
                 self._pending.append((unique_ids, g))
