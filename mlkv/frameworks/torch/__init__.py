@@ -3,10 +3,11 @@
 >>> from mlkv.frameworks.torch import KVEmbedding, KVEmbeddingBag
 >>> emb = KVEmbedding(64, path="runs/emb", optimizer="adagrad", lr=0.05)   # doctest: +SKIP
 
-See :mod:`mlkv.frameworks.torch.modules` for the modules and the decisions behind them.
+See :mod:`mlkv.frameworks.torch.modules` for the modules and the decisions behind them, and
+:mod:`mlkv.frameworks.torch.pipeline` for lookahead and bounded staleness.
 """
 
 from .modules import KVEmbedding, KVEmbeddingBag
-from .pipeline import Pipeline  # noqa: F401  (re-exported)
+from .pipeline import Pipeline, PipelineError, PipelineTimeout
 
-__all__ = ["KVEmbedding", "KVEmbeddingBag"]
+__all__ = ["KVEmbedding", "KVEmbeddingBag", "Pipeline", "PipelineError", "PipelineTimeout"]
