@@ -8,7 +8,7 @@ sparse gradient (``Tensor.coalesce()``) a sparse ``nn.Embedding`` hands its opti
 backward of :class:`StoreRows` passes it to the module, which applies it in the store.
 
 ``KVEmbedding`` itself uses :class:`Lookup` instead: the same rows and the same gradient, but
-its backward sums the output's gradient into the unique rows with one ``index_add_``, several
+its backward sums the output's gradient into the unique rows in one Numba pass, several
 times cheaper than the backward of ``F.embedding`` on the CPU (the sum's order may differ:
 the result agrees with torch's to float rounding).
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._batch_kernels import unique_inverse
+from ._batch_kernels import gather_rows, scatter_add_rows, unique_inverse
 
 
 class StoreRows(torch.autograd.Function):
@@ -41,36 +41,48 @@ class StoreRows(torch.autograd.Function):
 
 class Lookup(torch.autograd.Function):
     """``rows[inverse]`` (``F.embedding`` without padding or norms) whose backward hands the
-    coalesced gradient of the unique rows to ``module._receive_grad``."""
+    coalesced gradient of the distinct rows to ``module._receive_grad``.
+
+    ``rows`` and ``inverse`` are numpy arrays (CPU); the gather and the gradient's sum run in
+    Numba kernels (:mod:`._batch_kernels`), several times cheaper than ``index_select`` /
+    ``index_add_`` on the CPU for batches of thousands of ids.
+    """
 
     @staticmethod
     def forward(ctx, anchor, module, unique_ids, rows, inverse, local_pad):
         ctx.module, ctx.unique_ids, ctx.local_pad = module, unique_ids, local_pad
-        ctx.save_for_backward(inverse)
-        ctx.n_rows = rows.shape[0]
-        return rows.index_select(0, inverse.reshape(-1)).reshape(*inverse.shape, rows.shape[1])
+        ctx.inverse, ctx.n_rows = inverse.reshape(-1), rows.shape[0]
+        return torch.from_numpy(gather(rows, inverse))
 
     @staticmethod
     def backward(ctx, grad_out):
-        (inverse,) = ctx.saved_tensors
-        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-        grad = torch.zeros(ctx.n_rows, grad_out.shape[1], dtype=grad_out.dtype)
-        grad.index_add_(0, inverse.reshape(-1), grad_out.to(grad.device))
-        ctx.module._receive_grad(ctx.unique_ids, grad, ctx.local_pad, owned=True)
+        grad_out = grad_out.detach().to("cpu").reshape(-1, grad_out.shape[-1])
+        grads = grad_out.numpy()
+        summed = np.zeros((ctx.n_rows, grads.shape[1]), dtype=grads.dtype)
+        scatter_add_rows(np.ascontiguousarray(grads), ctx.inverse, summed)
+        ctx.module._receive_grad(ctx.unique_ids, torch.from_numpy(summed), ctx.local_pad,
+                                 owned=True)
         return None, None, None, None, None, None
+
+
+def gather(rows: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+    """``rows[inverse]`` as a new ``(*inverse.shape, dim)`` array."""
+    out = np.empty((inverse.size, rows.shape[1]), dtype=rows.dtype)
+    gather_rows(rows, inverse.reshape(-1), out)
+    return out.reshape(*inverse.shape, rows.shape[1])
 
 
 def lookup(module, ids: torch.Tensor) -> torch.Tensor:
     """``module``'s rows of ``ids``: ``(*ids.shape, dim)`` on ``ids.device``."""
     unique_ids, inverse = distinct(ids)
-    rows = torch.from_numpy(module._read_rows(unique_ids))
-    inverse = inverse.reshape(ids.shape)
+    rows = module._read_rows(unique_ids)
+    inverse = inverse.numpy().reshape(ids.shape)
     if torch.is_grad_enabled():
         local_pad = position_of(unique_ids, module.padding_idx)
         anchor = torch.empty(0, requires_grad=True)
         out = Lookup.apply(anchor, module, unique_ids, rows, inverse, local_pad)
     else:
-        out = rows.index_select(0, inverse.reshape(-1)).reshape(*ids.shape, rows.shape[1])
+        out = torch.from_numpy(gather(rows, inverse))
     return out.to(ids.device)
 
 
