@@ -156,9 +156,10 @@ def markdown(summary: dict) -> str:
     train = [r for r in rows if r["scenario"] == "train"]
     if train:
         out += ["### Training step: forward + backward + update (table in memory)", "",
-                "ids/s of the median round (batches of 4,096 ids, dim 64, one torch thread); "
-                "torch is `nn.Embedding(sparse=True)` with `SGD` / `Adagrad` / `SparseAdam`, "
-                "mlkv is `KVEmbedding` with the update fused into backward.", "",
+                "ids/s of the median round (batches of 4,096 ids, dim 64, one torch thread; "
+                "`out = emb(ids); out.backward(w)`, no loss); torch is "
+                "`nn.Embedding(sparse=True)` with `SGD` / `Adagrad` / `SparseAdam`, mlkv is "
+                "`KVEmbedding` with the update fused into backward.", "",
                 "| optimizer | ids | system | ids/s | per CPU-s | mlkv / torch | (CPU) | "
                 "target | met |", "|---|---|---|---:|---:|---:|---:|---:|:---:|"]
         for op in ("sgd", "adagrad", "adam"):
