@@ -72,6 +72,18 @@ def _frame_word(geo, address):
 
 
 @inline_kernel
+def move_record(words, geo, slot_addrs, slot, address, new):
+    """Copy the in-memory record at ``address`` to ``new`` (just allocated at the tail) and
+    point index slot ``slot`` there (the copy-to-tail of FASTER's RCU); returns ``new``."""
+    n_words = geo[G_RECORD_WORDS]
+    f0, w0 = _frame_word(geo, address)
+    f1, w1 = _frame_word(geo, new)
+    words[f1, w1:w1 + n_words] = words[f0, w0:w0 + n_words]
+    slot_addrs[slot] = new
+    return new
+
+
+@inline_kernel
 def _admit(policy, counters, key, counted):
     """Whether a read of a row below read_only copies it to the tail (see policy.py).
 
@@ -153,7 +165,6 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
     if it sits below ``read_only`` and the policy admits it; a row below ``head`` is listed in
     ``cold_pos`` for :func:`finish_cold`. Returns ``(position reached, n_cold)``.
     """
-    words_per_record = geo[G_RECORD_WORDS]
     values_per_word = geo[G_VALUES_PER_WORD]
     value_base = geo[G_VALUE_BASE]
     head = marks[M_HEAD]            # markers move only between kernel calls
@@ -188,11 +199,7 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
                 return i, n_cold
             _count(policy, counters, keys[i])
             if admit:
-                f0, w0 = _frame_word(geo, a)
-                f1, w1 = _frame_word(geo, new)
-                words[f1, w1:w1 + words_per_record] = words[f0, w0:w0 + words_per_record]
-                slot_addrs[s] = new
-                a = new
+                a = move_record(words, geo, slot_addrs, s, a, new)
         addrs_out[i] = a
         if want_values:
             f, w = _frame_word(geo, a)

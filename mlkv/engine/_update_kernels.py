@@ -7,9 +7,9 @@ protocol, and :mod:`mlkv.engine._rule_kernels` for the rules.
 import numpy as np
 
 from .._jit import kernel
-from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
+from ._log_kernels import (G_DIM, G_STATE_BASE, G_VALUE_BASE,
                            G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, PREFETCH_DISTANCE,
-                           _frame_word, _prefetch_record, allocate, find_slots)
+                           _frame_word, _prefetch_record, allocate, find_slots, move_record)
 from ._rule_kernels import RULES, apply_rule
 
 #: why :func:`update_rows` stopped before the end of the batch
@@ -30,7 +30,6 @@ def _update_rows_for(rule):
         page with no free frame; ``COLD`` when ``keys[position]``'s row is on disk only, and
         ``MISSING`` when it is absent: the caller brings the row in or creates it, and resumes.
         """
-        words_per_record = geo[G_RECORD_WORDS]
         dim = geo[G_DIM]
         value_base = geo[G_VALUE_BASE]
         values_per_word = geo[G_VALUES_PER_WORD]
@@ -55,11 +54,7 @@ def _update_rows_for(rule):
                 new = allocate(words, dirty, geo, marks)
                 if new < 0:
                     return i, NO_FRAME
-                f0, w0 = _frame_word(geo, a)
-                f1, w1 = _frame_word(geo, new)
-                words[f1, w1:w1 + words_per_record] = words[f0, w0:w0 + words_per_record]
-                slot_addrs[s] = new
-                a = new
+                a = move_record(words, geo, slot_addrs, s, a, new)
             f, w = _frame_word(geo, a)
             v0 = w * values_per_word + value_base
             s0 = w * 2 + state_base

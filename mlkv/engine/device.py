@@ -229,8 +229,9 @@ class FileDevice:
 
 
     def _read_part(self, addrs, out, scratch, fds=None) -> int:
-        got = K.read_records(self._fds if fds is None else fds, self.segment_bits, addrs, out.shape[1],
-                             self.block_bytes, MAX_RUN_BYTES, scratch, out, not self.direct)
+        got = K.read_records(self._fds if fds is None else fds, self.segment_bits, addrs,
+                             out.shape[1], self.block_bytes, MAX_RUN_BYTES, scratch, out,
+                             not self.direct)
         if got < 0:
             address = int(addrs[-got - 1])
             segment = address >> self.segment_bits
