@@ -245,6 +245,17 @@ def lookahead(eng: Engine, keys: np.ndarray) -> None:
     read(eng, keys, want_values=False, policy_code=LOOKAHEAD_POLICY)
 
 
+def coalesce(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct ``keys`` and the sum of their gradient rows (as torch coalesces a sparse
+    gradient). Keys already strictly increasing are returned as they are, without a sort."""
+    if keys.shape[0] < 2 or (keys[1:] > keys[:-1]).all():
+        return keys, grads
+    distinct, inverse = np.unique(keys, return_inverse=True)
+    summed = np.zeros((distinct.shape[0], grads.shape[1]), dtype=grads.dtype)
+    np.add.at(summed, inverse, grads)
+    return distinct, summed
+
+
 def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_state_dim: int,
            hyper: np.ndarray, init, unique: bool = False) -> int:
     """Apply an update rule to the rows of ``keys`` (see :mod:`._update_kernels`); returns
@@ -257,12 +268,8 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
     2. One kernel pass applies the rule in place. A row evicted in between (a batch larger
        than the pool) sends the loop back to step 1 from there.
     """
-    if not unique and keys.shape[0] > 1 and not (keys[1:] > keys[:-1]).all():
-        distinct, inverse = np.unique(keys, return_inverse=True)
-        if distinct.shape[0] < keys.shape[0]:
-            summed = np.zeros((distinct.shape[0], grads.shape[1]), dtype=grads.dtype)
-            np.add.at(summed, inverse, grads)
-            keys, grads = distinct, summed
+    if not unique:
+        keys, grads = coalesce(keys, grads)
     log = eng.log
     update_rows = UK.UPDATE_ROWS[rule]
     # rows brought in per round: a quarter of the pool, so none is evicted before its update

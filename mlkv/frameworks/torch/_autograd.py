@@ -129,14 +129,3 @@ def check_ids(ids, what: str = "ids") -> None:
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{what} must be a LongTensor or IntTensor (int64 or int32), got "
                         f"dtype {ids.dtype}")
-
-
-def coalesce(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted unique ``ids`` and the sum of their gradient rows, in the gradients' dtype."""
-    unique, inverse = np.unique(ids, return_inverse=True)
-    if unique.shape[0] == ids.shape[0]:
-        order = np.argsort(ids, kind="stable")
-        return ids[order], np.ascontiguousarray(grads[order])
-    summed = np.zeros((unique.shape[0], grads.shape[1]), dtype=grads.dtype)
-    np.add.at(summed, inverse, grads)
-    return unique, summed

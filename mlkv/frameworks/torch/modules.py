@@ -93,9 +93,10 @@ from torch import nn
 
 import mlkv
 from mlkv.engine._rule_kernels import hyper_vector
+from mlkv.engine.ops import coalesce
 
 from . import _state
-from ._autograd import check_ids, coalesce, lookup, lookup_table
+from ._autograd import check_ids, lookup, lookup_table
 
 _CHUNK = 1 << 16          # rows per store call in to_dense / from_dense
 
