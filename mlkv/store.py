@@ -303,10 +303,9 @@ class Store:
     def verify(self, progress: bool | None = None) -> dict:
         """Read every page of the log and check it; check every index entry.
 
-        Reads and never writes. Returns a report: ``ok``, ``pages_checked``,
-        ``damaged_pages`` (``page``, ``location``, ``problem``, damaged record ``slots``) and
-        ``bad_entries`` (keys whose record is not their row); see
-        :func:`mlkv.engine.verify.verify`. ``progress`` as in :meth:`compact`.
+        Reads and never writes. Returns a report: ``ok``, ``pages_checked``, ``damaged_pages``
+        and ``bad_entries``, described in :func:`mlkv.engine.verify.verify`. ``progress`` as
+        in :meth:`compact`.
         """
         with self._op():
             return verification.verify(self._engine, progress)
@@ -351,9 +350,8 @@ class Store:
             finally:
                 self._closed = True
                 self._engine.device.close()
-                self._engine = None       # frees the buffer pool and the index now
                 lockfile.release(self._lock_fd)
-                self._lock_fd = None
+                self._engine = self._lock_fd = None    # frees the buffer pool and index now
 
     def __enter__(self):
         return self
