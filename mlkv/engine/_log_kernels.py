@@ -139,20 +139,33 @@ def find_slots(slot_keys, slot_addrs, keys, start, addrs):
 
 
 @inline_kernel
-def _prefetch_record(words, geo, marks, address, for_write):
-    """Prefetch the cache lines of the record at ``address``, if it is in memory."""
-    if address >= marks[M_HEAD]:
-        f, w = _frame_word(geo, address)
-        base = f * words.shape[1] + w
-        last = base + geo[G_RECORD_WORDS] - 1
+def _prefetch_span(flat, first, count, for_write):
+    """Prefetch the cache lines of ``flat[first:first + count]`` (nothing if ``first`` < 0)."""
+    if first >= 0:
+        last = first + count - 1
+        step = 64 // flat.itemsize
         if for_write:
-            for k in range(base, last, 8):
-                prefetch_for_write(words, k)
-            prefetch_for_write(words, last)
+            for k in range(first, last, step):
+                prefetch_for_write(flat, k)
+            prefetch_for_write(flat, last)
         else:
-            for k in range(base, last, 8):
-                prefetch(words, k)
-            prefetch(words, last)
+            for k in range(first, last, step):
+                prefetch(flat, k)
+            prefetch(flat, last)
+
+
+@inline_kernel
+def _prefetch_record(flat_words, geo, head, address, for_write):
+    """Prefetch the cache lines of the record at ``address``, if it is in memory.
+
+    ``flat_words`` is the frames as one int64 vector and ``head`` the caller's copy of
+    ``marks[M_HEAD]``: a reshape, or a load of ``marks``, once per row made a row loop up to
+    twice as slow.
+    """
+    if address >= head:
+        f, w = _frame_word(geo, address)
+        _prefetch_span(flat_words, f * (1 << (geo[G_PAGE_BITS] - 3)) + w, geo[G_RECORD_WORDS],
+                       for_write)
 
 
 @kernel
@@ -164,9 +177,11 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
     values copied into ``out`` (when ``want_values``), after being copied to the tail first
     if it sits below ``read_only`` and the policy admits it; a row below ``head`` is listed in
     ``cold_pos`` for :func:`finish_cold`. Returns ``(position reached, n_cold)``.
+
+    Two loops: the first finds every row (and moves those the policy admits), the second
+    copies the values out, prefetching rows a few ahead. Finding and copying in one loop was
+    twice as slow: the copy waited on its row while the loop's other work held the CPU.
     """
-    values_per_word = geo[G_VALUES_PER_WORD]
-    value_base = geo[G_VALUE_BASE]
     head = marks[M_HEAD]            # markers move only between kernel calls
     read_only = marks[M_READ_ONLY]
     n = keys.shape[0]
@@ -175,10 +190,12 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
     # below it, a repeat of a key copied to the tail earlier in this batch has moved, so
     # those are read again from the index.
     slots = find_slots(slot_keys, slot_addrs, keys, start, addrs_out)
+    # where each row's values start in the flat frames (-1: nothing to copy); slots reused
+    src = slots
+    stop = n
     for i in range(start, n):
-        if want_values and i + PREFETCH_DISTANCE < n:
-            _prefetch_record(words, geo, marks, addrs_out[i + PREFETCH_DISTANCE], False)
         s = slots[i - start]
+        src[i - start] = -1
         if s < 0:
             continue
         a = addrs_out[i]
@@ -196,15 +213,40 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
             admit = _admit(policy, counters, keys[i], False)
             new = allocate(words, dirty, geo, marks) if admit else -1
             if admit and new < 0:
-                return i, n_cold
+                stop = i
+                break
             _count(policy, counters, keys[i])
             if admit:
                 a = move_record(words, geo, slot_addrs, s, a, new)
         addrs_out[i] = a
-        if want_values:
-            f, w = _frame_word(geo, a)
-            _copy_values_out(vals, f, w * values_per_word + value_base, out, i)
-    return n, n_cold
+        src[i - start] = _value_offset(vals, geo, a)
+    if want_values:
+        _copy_rows_out(vals, src, out, start, stop)
+    return stop, n_cold
+
+
+@inline_kernel
+def _value_offset(vals, geo, address):
+    """Where the values of the in-memory record at ``address`` start in ``vals``'s flat data."""
+    f, w = _frame_word(geo, address)
+    return f * vals.shape[1] + w * geo[G_VALUES_PER_WORD] + geo[G_VALUE_BASE]
+
+
+@inline_kernel
+def _copy_rows_out(vals, src, out, start, stop):
+    """``out[i] = `` the row whose values start at ``src[i - start]`` in ``vals``'s flat data,
+    for ``i`` in ``[start, stop)`` (skipping ``src`` -1), prefetching rows ahead."""
+    flat = vals.reshape(vals.size)
+    dim = out.shape[1]
+    m = stop - start
+    for k in range(m):
+        if k + PREFETCH_DISTANCE < m:
+            _prefetch_span(flat, src[k + PREFETCH_DISTANCE], dim, False)
+        o = src[k]
+        if o >= 0:
+            u = np.uint64(o)                 # unsigned: see _copy_values_out
+            for j in range(dim):
+                out[start + k, j] = flat[u + np.uint64(j)]
 
 
 @kernel
@@ -249,8 +291,10 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
     values_per_word = geo[G_VALUES_PER_WORD]
     state_base = geo[G_STATE_BASE]
     state_dim = geo[G_STATE_DIM]
+    head = marks[M_HEAD]
     read_only = marks[M_READ_ONLY]
     flat_vals = vals.reshape(vals.size)      # one view for the call, not one per row
+    flat_words = words.reshape(words.size)
     row_values = vals.shape[1]
     inserted = 0
     n = keys.shape[0]
@@ -262,7 +306,7 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
     slots = find_slots(slot_keys, slot_addrs, keys, start, addrs)
     for i in range(start, n):
         if i + PREFETCH_DISTANCE < n:
-            _prefetch_record(words, geo, marks, addrs[i + PREFETCH_DISTANCE], True)
+            _prefetch_record(flat_words, geo, head, addrs[i + PREFETCH_DISTANCE], True)
         s = slots[i - start]
         if s < 0:
             s = find_slot(slot_keys, slot_addrs, keys[i])

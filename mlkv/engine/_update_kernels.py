@@ -7,9 +7,9 @@ protocol, and :mod:`mlkv.engine._rule_kernels` for the rules.
 import numpy as np
 
 from .._jit import kernel
-from ._log_kernels import (G_DIM, G_STATE_BASE, G_VALUE_BASE,
+from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
                            G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, PREFETCH_DISTANCE,
-                           _frame_word, _prefetch_record, allocate, find_slots, move_record)
+                           _frame_word, _prefetch_span, allocate, find_slots, move_record)
 from ._rule_kernels import RULES, apply_rule
 
 #: why :func:`update_rows` stopped before the end of the batch
@@ -41,27 +41,41 @@ def _update_rows_for(rule):
         # (prefetching index lines ahead) stay valid while rows move to the tail
         addrs = np.empty(n, dtype=np.int64)
         slots = find_slots(slot_keys, slot_addrs, keys, start, addrs)
+        # Two loops, as in read_resident: find (and move) every row, then update them with
+        # their lines prefetched a few rows ahead. ``at``: each record's first word in the
+        # flat frames (slots reused).
+        at = slots
+        stop, status = n, DONE
         for i in range(start, n):
-            if i + PREFETCH_DISTANCE < n:
-                _prefetch_record(words, geo, marks, addrs[i + PREFETCH_DISTANCE], True)
             s = slots[i - start]
             if s < 0:
-                return i, MISSING
+                stop, status = i, MISSING
+                break
             a = addrs[i]
             if a < head:
-                return i, COLD
+                stop, status = i, COLD
+                break
             if a < read_only:
                 new = allocate(words, dirty, geo, marks)
                 if new < 0:
-                    return i, NO_FRAME
+                    stop, status = i, NO_FRAME
+                    break
                 a = move_record(words, geo, slot_addrs, s, a, new)
             f, w = _frame_word(geo, a)
-            v0 = w * values_per_word + value_base
-            s0 = w * 2 + state_base
-            apply_rule(rule, vals[f, v0:v0 + dim], f32[f, s0:s0 + rule_state_dim], grads[i],
-                       hyper)
             dirty[f] = 1
-        return keys.shape[0], DONE
+            at[i - start] = f * words.shape[1] + w
+        flat_words = words.reshape(words.size)
+        flat_vals = vals.reshape(vals.size)
+        flat_state = f32.reshape(f32.size)
+        record_words = geo[G_RECORD_WORDS]
+        for k in range(stop - start):
+            if k + PREFETCH_DISTANCE < stop - start:
+                _prefetch_span(flat_words, at[k + PREFETCH_DISTANCE], record_words, True)
+            v0 = at[k] * values_per_word + value_base
+            s0 = at[k] * 2 + state_base
+            apply_rule(rule, flat_vals[v0:v0 + dim], flat_state[s0:s0 + rule_state_dim],
+                       grads[start + k], hyper)
+        return stop, status
 
     return update_rows
 
