@@ -20,7 +20,7 @@ TARGETS = {
     ("train", "adam"): {"torch": 1.5},
 }
 STARTUP_TARGET_S = {"warm": 1.5}
-ORDER = {"mlkv": 0, "ceiling": 1, "rocksdict": 2, "lmdb": 3, "torch": 4}
+ORDER = {"mlkv": 0, "ceiling": 1, "rocksdict": 2, "lmdb": 3, "torch": 4, "dense": 5}
 #: the three rates a result row carries: (key, label)
 RATES = (("rows_per_s", "median round"), ("rows_per_s_best", "best round"),
          ("rows_per_cpu_s", "per CPU-second"))
@@ -159,23 +159,27 @@ def markdown(summary: dict) -> str:
                 "ids/s of the median round (batches of 4,096 ids, dim 64, one torch thread; "
                 "`out = emb(ids); out.backward(w)`, no loss); torch is "
                 "`nn.Embedding(sparse=True)` with `SGD` / `Adagrad` / `SparseAdam`, mlkv is "
-                "`KVEmbedding` with the update fused into backward.", "",
+                "`KVEmbedding` with the update fused into backward; dense (sgd only) is "
+                "the least work of an SGD step, by hand on a dense table: `W[ids]`, "
+                "`W.index_add_(0, ids, w, alpha=-lr)`.", "",
                 "| optimizer | ids | system | ids/s | per CPU-s | mlkv / torch | (CPU) | "
-                "target | met |", "|---|---|---|---:|---:|---:|---:|---:|:---:|"]
+                "target | met | mlkv / dense |",
+                "|---|---|---|---:|---:|---:|---:|---:|:---:|---:|"]
         for op in ("sgd", "adagrad", "adam"):
             for dist in DISTS:
                 for r in [r for r in train if r["op"] == op and r["dist"] == dist]:
-                    x = next((x for x in summary["ratios"] if x["scenario"] == "train"
-                              and x["op"] == op and x["dist"] == dist), None)
+                    x, dense = (next((x for x in summary["ratios"] if x["scenario"] == "train"
+                                      and x["op"] == op and x["dist"] == dist
+                                      and x["vs"] == vs), None) for vs in ("torch", "dense"))
                     mine = r["system"] == "mlkv"
-                    out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                    out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                         op, dist, r["system"], _fmt_rate(r["rows_per_s"]),
                         _fmt_rate(r["rows_per_cpu_s"]),
                         _fmt_ratio(x and x["ratio"]) if mine else "",
                         _fmt_ratio(x and x["ratio_cpu_s"]) if mine else "",
                         f"≥ {x['target']:g}x" if mine and x and x["target"] else "",
                         ("yes" if x["met"] else "**no**") if mine and x and x["target"]
-                        else ""))
+                        else "", _fmt_ratio(dense and dense["ratio"]) if mine else ""))
         out.append("")
     if summary["startup"]:
         out += ["### Fresh process to first `get` answered", "",
