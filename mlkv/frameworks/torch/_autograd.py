@@ -7,10 +7,11 @@ gradient of every occurrence of an id into its row of ``W``, which is exactly th
 sparse gradient (``Tensor.coalesce()``) a sparse ``nn.Embedding`` hands its optimizer; the
 backward of :class:`StoreRows` passes it to the module, which applies it in the store.
 
-``KVEmbedding`` itself uses :class:`Lookup` instead: the same rows and the same gradient, but
-its backward sums the output's gradient into the unique rows in one Numba pass, several
-times cheaper than the backward of ``F.embedding`` on the CPU (the sum's order may differ:
-the result agrees with torch's to float rounding).
+``KVEmbedding`` itself uses :class:`Lookup` instead: the store reads every position straight
+into the output (no local table, no second gather pass), and backward sums the output's
+gradient into the unique rows in one Numba pass, several times cheaper than the backward of
+``F.embedding`` on the CPU (the sum's order may differ: the result agrees with torch's to
+float rounding).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ._batch_kernels import gather_rows, scatter_add_rows, unique_inverse
+from ._batch_kernels import scatter_add_rows, unique_inverse
 
 
 class StoreRows(torch.autograd.Function):
@@ -40,50 +41,48 @@ class StoreRows(torch.autograd.Function):
 
 
 class Lookup(torch.autograd.Function):
-    """``rows[inverse]`` (``F.embedding`` without padding or norms) whose backward hands the
-    coalesced gradient of the distinct rows to ``module._receive_grad``.
+    """The rows of a batch (``F.embedding`` without padding or norms), read straight from the
+    store into the output, whose backward hands the coalesced gradient of the distinct rows to
+    ``module._receive_grad``.
 
-    ``rows`` and ``inverse`` are numpy arrays (CPU); the gather and the gradient's sum run in
-    Numba kernels (:mod:`._batch_kernels`), several times cheaper than ``index_select`` /
-    ``index_add_`` on the CPU for batches of thousands of ids.
+    The gradient's sum over repeated ids runs in a Numba kernel (:mod:`._batch_kernels`),
+    several times cheaper than ``index_add_`` on the CPU for batches of thousands of ids.
     """
 
     @staticmethod
-    def forward(ctx, anchor, module, unique_ids, rows, inverse, local_pad):
+    def forward(ctx, anchor, module, unique_ids, out, inverse, local_pad):
         ctx.module, ctx.unique_ids, ctx.local_pad = module, unique_ids, local_pad
-        ctx.inverse, ctx.n_rows = inverse.reshape(-1), rows.shape[0]
-        return torch.from_numpy(gather(rows, inverse))
+        ctx.inverse = inverse
+        return torch.from_numpy(out)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_out = grad_out.detach().to("cpu").reshape(-1, grad_out.shape[-1])
         grads = grad_out.numpy()
-        summed = np.zeros((ctx.n_rows, grads.shape[1]), dtype=grads.dtype)
+        summed = np.zeros((ctx.unique_ids.shape[0], grads.shape[1]), dtype=grads.dtype)
         scatter_add_rows(np.ascontiguousarray(grads), ctx.inverse, summed)
         ctx.module._receive_grad(ctx.unique_ids, torch.from_numpy(summed), ctx.local_pad,
                                  owned=True)
         return None, None, None, None, None, None
 
 
-def gather(rows: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """``rows[inverse]`` as a new ``(*inverse.shape, dim)`` array."""
-    out = np.empty((inverse.size, rows.shape[1]), dtype=rows.dtype)
-    gather_rows(rows, inverse.reshape(-1), out)
-    return out.reshape(*inverse.shape, rows.shape[1])
-
-
 def lookup(module, ids: torch.Tensor) -> torch.Tensor:
-    """``module``'s rows of ``ids``: ``(*ids.shape, dim)`` on ``ids.device``."""
-    unique_ids, inverse = distinct(ids)
-    rows = module._read_rows(unique_ids)
-    inverse = inverse.numpy().reshape(ids.shape)
+    """``module``'s rows of ``ids``: ``(*ids.shape, dim)`` on ``ids.device``.
+
+    Every position is read from the store, repeats included, straight into the output: a
+    repeat costs a probe and a copy of a row already in cache, cheaper than reading the
+    distinct rows and gathering them into the output in a second pass.
+    """
+    flat = flat_ids(ids)
+    unique_ids, inverse = unique_inverse(flat)
+    out = module._read_rows(unique_ids, flat).reshape(*ids.shape, module.dim)
     if torch.is_grad_enabled():
         local_pad = position_of(unique_ids, module.padding_idx)
         anchor = torch.empty(0, requires_grad=True)
-        out = Lookup.apply(anchor, module, unique_ids, rows, inverse, local_pad)
+        result = Lookup.apply(anchor, module, unique_ids, out, inverse, local_pad)
     else:
-        out = torch.from_numpy(gather(rows, inverse))
-    return out.to(ids.device)
+        result = torch.from_numpy(out)
+    return result.to(ids.device)
 
 
 def lookup_table(module, ids: torch.Tensor):
@@ -105,11 +104,16 @@ def lookup_table(module, ids: torch.Tensor):
     return table.to(ids.device), inverse.reshape(ids.shape).to(ids.device), local_pad
 
 
+def flat_ids(ids: torch.Tensor) -> np.ndarray:
+    """``ids`` as a flat, contiguous int64 numpy vector on the CPU."""
+    flat = ids.detach().reshape(-1).to(device="cpu", dtype=torch.int64).numpy()
+    return np.ascontiguousarray(flat)
+
+
 def distinct(ids: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     """The distinct ids of a batch (int64, first-seen order) and, for every position, the
     index of its id among them (a flat CPU LongTensor)."""
-    flat = ids.detach().reshape(-1).to(device="cpu", dtype=torch.int64).numpy()
-    unique_ids, inverse = unique_inverse(np.ascontiguousarray(flat))
+    unique_ids, inverse = unique_inverse(flat_ids(ids))
     return unique_ids, torch.from_numpy(inverse)
 
 

@@ -41,16 +41,6 @@ def unique_inverse(ids):
 
 
 @kernel
-def gather_rows(rows, inverse, out):
-    """``out[i] = rows[inverse[i]]``: the lookup's output from the batch's distinct rows."""
-    for i in range(inverse.shape[0]):
-        src = rows[inverse[i]]
-        dst = out[i]
-        for j in range(src.shape[0]):
-            dst[j] = src[j]
-
-
-@kernel
 def scatter_add_rows(grads, inverse, out):
     """``out[inverse[i]] += grads[i]`` in position order: the gradient of each distinct row,
     summed over the positions that looked it up (``out`` starts at zeros)."""

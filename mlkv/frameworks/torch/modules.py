@@ -207,17 +207,19 @@ class KVEmbedding(nn.Module):
         check_ids(ids)
         return lookup(self, ids)
 
-    def _read_rows(self, unique_ids: np.ndarray) -> np.ndarray:
-        """Rows of distinct ids; the read gate first, unseen ids created."""
+    def _read_rows(self, unique_ids: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
+        """Rows of ``keys`` (default: ``unique_ids``, the distinct ids among them); the read
+        gate first, with the distinct ids; unseen ids created."""
         if self._read_gate is not None:
             self._read_gate(self, unique_ids)
+        keys = unique_ids if keys is None else keys
         store, pad = self.store, self.padding_idx
         if store.readonly:
-            return store.get(unique_ids)
+            return store.get(keys)
         if pad is not None:
             if (unique_ids == pad).any() and pad not in store:
                 store.put([pad], np.zeros((1, self.dim), dtype=store.dtype))
-        return store.get_or_init(unique_ids)
+        return store.get_or_init(keys)
 
     # ---- updates --------------------------------------------------------------------------
     def _hyper(self, step: int) -> np.ndarray:
