@@ -1,0 +1,106 @@
+"""Where the time of a KVEmbedding training step goes (not a pytest benchmark).
+
+    python bench/profile_train_step.py [--optimizer sgd] [--dist uniform] [--batches 200]
+
+The step of ``test_bench_torch.py`` (``out = emb(ids); out.backward(w)``, batches of 4,096
+ids, dim 64, 262,144 rows in memory, one torch thread), timed whole and split into its
+parts on the same batches: the batch's distinct ids, the store read (``get_or_init`` of
+every position), the fused update (``store.update`` of the distinct ids), and torch's step
+(``nn.Embedding(sparse=True)`` and the matching optimizer) beside it. Prints µs per batch,
+the mean over the batches, of two passes (the second is warm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import BATCH, DIM, ZipfSampler  # noqa: E402
+
+from mlkv.frameworks.torch import KVEmbedding  # noqa: E402
+from mlkv.frameworks.torch._autograd import distinct  # noqa: E402
+
+ROWS = 1 << 18
+LR = 0.01
+
+
+def per_batch_us(fn, items) -> float:
+    """Mean µs of ``fn(item)`` over ``items`` (the second of two passes)."""
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for item in items:
+            fn(item)
+        elapsed = time.perf_counter() - t0
+    return elapsed / len(items) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adagrad", "adam"))
+    parser.add_argument("--dist", default="uniform", choices=("uniform", "zipf"))
+    parser.add_argument("--batches", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    if args.dist == "uniform":
+        batches = [rng.integers(0, ROWS, BATCH) for _ in range(args.batches)]
+    else:
+        sampler = ZipfSampler(ROWS, seed=0)
+        batches = [sampler(BATCH) for _ in range(args.batches)]
+    weight = torch.rand(ROWS, DIM, generator=torch.Generator().manual_seed(1)) * 0.2 - 0.1
+    w = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(3))
+    ids = [torch.from_numpy(b) for b in batches]
+    with tempfile.TemporaryDirectory() as tmp:
+        emb = KVEmbedding(DIM, path=os.path.join(tmp, "emb"), optimizer=args.optimizer, lr=LR,
+                          memory_bytes=ROWS * 1024, page_bits=20)
+        emb.from_dense(weight)
+        store = emb.store
+        # the whole step first: arrays held alive from here on (``uniques``) can make malloc
+        # hand each step's 1 MiB temporaries out as fresh mmaps, hundreds of page faults a
+        # step (see bench/README.md, "Run 6"); the faults are printed beside the step
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step_us = per_batch_us(lambda i: emb(i).backward(w), ids)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (2 * len(ids))
+        uniques = [distinct(i)[0] for i in ids]
+        # one gradient block sliced per batch: hundreds of 1 MiB arrays held alive would keep
+        # malloc handing every later 1 MiB block out as a fresh mmap (page faults per step)
+        grad_block = np.random.default_rng(1).random((BATCH, DIM), dtype=np.float32)
+        hyper = emb._hyper(1)
+        parts = {
+            f"step ({faults:.0f} page faults a step)": step_us,
+            "  distinct ids": per_batch_us(distinct, ids),
+            "  read (get_or_init, every position)": per_batch_us(store.get_or_init, batches),
+            "  update (store.update, distinct ids)": per_batch_us(
+                lambda u: store.update(u, grad_block[:u.shape[0]], args.optimizer, hyper,
+                                       unique=True), uniques),
+        }
+        emb.close()
+    table = torch.nn.Embedding(ROWS, DIM, sparse=True)
+    with torch.no_grad():
+        table.weight.copy_(weight)
+    opt = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
+           "adam": torch.optim.SparseAdam}[args.optimizer](table.parameters(), lr=LR)
+
+    def torch_step(i):
+        table(i).backward(w)
+        opt.step()
+        opt.zero_grad()
+
+    parts["torch step"] = per_batch_us(torch_step, ids)
+    distinct_rows = np.mean([u.shape[0] for u in uniques])
+    print(f"{args.optimizer}, {args.dist} ids: {distinct_rows:.0f} distinct of {BATCH} a batch")
+    for name, us in parts.items():
+        print(f"{name:40s} {us:8.0f} µs")
+
+
+if __name__ == "__main__":
+    main()
