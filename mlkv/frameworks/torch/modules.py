@@ -208,17 +208,15 @@ class KVEmbedding(nn.Module):
         return lookup(self, ids)
 
     def _read_rows(self, unique_ids: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
-        """Rows of ``keys`` (default: ``unique_ids``, the distinct ids among them); the read
-        gate first, with the distinct ids; unseen ids created."""
+        """Rows of ``keys`` (default ``unique_ids``, its distinct ids); gate, then create."""
         if self._read_gate is not None:
             self._read_gate(self, unique_ids)
         keys = unique_ids if keys is None else keys
         store, pad = self.store, self.padding_idx
         if store.readonly:
             return store.get(keys)
-        if pad is not None:
-            if (unique_ids == pad).any() and pad not in store:
-                store.put([pad], np.zeros((1, self.dim), dtype=store.dtype))
+        if pad is not None and (unique_ids == pad).any() and pad not in store:
+            store.put([pad], np.zeros((1, self.dim), dtype=store.dtype))
         return store.get_or_init(keys)
 
     # ---- updates --------------------------------------------------------------------------
