@@ -64,9 +64,8 @@ def main() -> None:
                           memory_bytes=ROWS * 1024, page_bits=20)
         emb.from_dense(weight)
         store = emb.store
-        # the whole step first: arrays held alive from here on (``uniques``) can make malloc
-        # hand each step's 1 MiB temporaries out as fresh mmaps, hundreds of page faults a
-        # step (see bench/README.md, "Run 6"); the faults are printed beside the step
+        # the whole step first, with its page faults (a step should take almost none: see
+        # bench/step_page_faults.py)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step_us = per_batch_us(lambda i: emb(i).backward(w), ids)
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (2 * len(ids))

@@ -27,17 +27,27 @@ def test_unique_inverse_matches_the_reference(n, high):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("n, n_rows, dim", [(0, 1, 4), (1, 1, 1), (4096, 300, 64), (50, 7, 3)])
-def test_scatter_add_matches_the_reference(dtype, n, n_rows, dim):
-    """scatter_add_rows sums each position's gradient into its row in position order, as a
-    plain loop does."""
-    from mlkv.frameworks.torch._batch_kernels import scatter_add_rows
+@pytest.mark.parametrize("n, high, dim", [(0, 1, 4), (1, 1, 1), (4096, 300, 64), (50, 7, 3)])
+def test_sum_rows_first_seen_matches_the_reference(dtype, n, high, dim):
+    """Each distinct row's gradient, summed in position order as a plain loop adds into
+    zeros, whatever the output buffer held before (it is reused between steps)."""
+    from mlkv.frameworks.torch._batch_kernels import sum_rows_first_seen
     rng = np.random.default_rng(n + dim)
-    inverse = rng.integers(0, n_rows, n)
+    _, inverse = unique_inverse(rng.integers(0, high, n))
+    n_rows = int(inverse.max()) + 1 if n else 0
     grads = rng.standard_normal((n, dim)).astype(dtype)
-    summed = np.zeros((n_rows, dim), dtype)
-    scatter_add_rows(grads, inverse, summed)
+    out = np.full((n_rows + 2, dim), np.nan, dtype)       # stale contents, spare rows
+    assert sum_rows_first_seen(grads, inverse, out) == n_rows
     expected = np.zeros((n_rows, dim), dtype)
     for i in range(n):                              # position order, one add at a time
         expected[inverse[i]] = expected[inverse[i]] + grads[i]
-    np.testing.assert_array_equal(summed, expected)
+    np.testing.assert_array_equal(out[:n_rows], expected)
+    assert np.isnan(out[n_rows:]).all()             # rows past the distinct ones untouched
+
+
+def test_sum_rows_first_seen_refuses_another_order():
+    from mlkv.frameworks.torch._batch_kernels import sum_rows_first_seen
+    grads = np.ones((3, 2), np.float32)
+    out = np.zeros((3, 2), np.float32)
+    with pytest.raises(ValueError, match="first-seen order"):
+        sum_rows_first_seen(grads, np.array([1, 0, 0]), out)

@@ -41,11 +41,28 @@ def unique_inverse(ids):
 
 
 @kernel
-def scatter_add_rows(grads, inverse, out):
-    """``out[inverse[i]] += grads[i]`` in position order: the gradient of each distinct row,
-    summed over the positions that looked it up (``out`` starts at zeros)."""
+def sum_rows_first_seen(grads, inverse, out):
+    """``out[r] = `` the sum of ``grads[i]`` over the positions ``i`` with ``inverse[i] == r``,
+    in position order: the gradient of each distinct row of a lookup.
+
+    ``inverse`` must be in first-seen order, as :func:`unique_inverse` returns it (row ``r``
+    first appears after rows ``0 .. r-1``): a row's first position assigns and later ones add,
+    so ``out`` need not start at zeros (a reused buffer takes no zeroing pass) and the sums
+    equal those of adding into zeros. Rows ``>= `` the number seen are left untouched. Raises
+    ValueError when ``inverse`` is not in first-seen order.
+    """
+    seen = 0
     for i in range(inverse.shape[0]):
+        r = inverse[i]
         src = grads[i]
-        dst = out[inverse[i]]
-        for j in range(src.shape[0]):
-            dst[j] += src[j]
+        dst = out[r]
+        if r == seen:
+            for j in range(src.shape[0]):
+                dst[j] = src[j]
+            seen += 1
+        elif 0 <= r < seen:
+            for j in range(src.shape[0]):
+                dst[j] += src[j]
+        else:
+            raise ValueError("inverse is not in first-seen order (see unique_inverse)")
+    return seen

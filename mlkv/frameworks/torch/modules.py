@@ -29,19 +29,17 @@ backward adds the coalesced gradient to a pending sum; ``emb.step()`` applies it
 and clears it, ``emb.zero_grad()`` drops it (``model.zero_grad()`` and torch optimizers do
 not reach it). The pending gradient is not part of ``state_dict``.
 
-*Unseen ids* are created by the store's initializer on first read (``get_or_init``), in
-training and in eval alike: a row depends only on (id, ``seed``), so the numbers do not depend
-on when a row was first seen. Ids are any int64 (negative too); there is no ``num_embeddings``.
+*Unseen ids* are created by the store's initializer on first read, in training and in eval
+alike: a row depends only on (id, ``seed``). Any int64 is an id; no ``num_embeddings``.
 
 *padding_idx* mirrors ``nn.Embedding``: that id's row is created as zeros (not by the
 initializer), read like any row, and never updated (it gets no gradient, no optimizer state
 change, and is excluded from bags by ``KVEmbeddingBag``). It is an id, not an index from the
 end: a negative ``padding_idx`` is that negative id.
 
-*Devices.* The store is on the CPU. ids may be on any device: the store sees ``ids.cpu()``
-and the rows come back on ``ids.device`` (one copy each way of the batch's unique rows).
-
-*dtype* is the store's: float32 (default) or float64; float16 stores cannot be trained.
+*Devices.* The store is on the CPU; ids may be on any device: the store reads ``ids.cpu()``
+and the output is copied to ``ids.device``. *dtype* is the store's: float32 (default) or
+float64; float16 stores cannot be trained.
 
 *state_dict by reference.* ``state_dict()`` does not copy the table: it names the rows by
 the store's path and ``content_id``, the id of the last checkpoint that changed a row (a
@@ -96,7 +94,7 @@ from mlkv.engine._rule_kernels import hyper_vector
 from mlkv.engine.ops import coalesce
 
 from . import _state
-from ._autograd import check_ids, lookup, lookup_table
+from ._autograd import GradScratch, check_ids, lookup, lookup_table
 
 _CHUNK = 1 << 16          # rows per store call in to_dense / from_dense
 
@@ -159,6 +157,7 @@ class KVEmbedding(nn.Module):
         self.fused = bool(fused)
         self._read_gate = self._update_sink = None
         self._step, self._pending, self._grad_lock = 0, [], threading.Lock()
+        self._grad_scratch = GradScratch()       # the summed gradient's buffer (backward)
         self._open_options = dict(memory_bytes=memory_bytes, init=init, init_scale=init_scale,
                                   seed=seed, **store_options)
         _state.attach(self, path, store, dtype)
@@ -224,15 +223,16 @@ class KVEmbedding(nn.Module):
         return hyper_vector(self.optimizer, self.lr, self.eps, self.betas, self.weight_decay,
                             self.lr_decay, step)
 
-    def _receive_grad(self, unique_ids, grad, local_pad, owned=False):
-        """Backward of a lookup: ``grad`` is the coalesced gradient of ``unique_ids``' rows;
-        ``owned``: a fresh tensor no one else holds (else it is copied: updates may wait)."""
+    def _receive_grad(self, unique_ids, grad, local_pad):
+        """Backward of a lookup: ``grad`` is the coalesced gradient of ``unique_ids``' rows,
+        valid during this call only (copied when it is kept: a deferred step, a sink)."""
         g = grad.detach().cpu().numpy()
         if local_pad is not None:
             keep = np.ones(unique_ids.shape[0], dtype=bool)
             keep[local_pad] = False
             unique_ids, g = unique_ids[keep], g[keep]
-        g = np.array(g, dtype=self.store.dtype, order="C", copy=None if owned else True)
+        kept = not self.fused or self._update_sink is not None      # else applied right here
+        g = np.array(g, dtype=self.store.dtype, order="C", copy=True if kept else None)
         with self._grad_lock:
             if not self.fused:
                 self._pending.append((unique_ids, g))
