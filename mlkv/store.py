@@ -195,13 +195,13 @@ class Store:
     def update(self, keys, grads, rule: str, hyper, unique: bool = False) -> None:
         """Fused optimizer step: apply update ``rule`` to the rows of ``keys``.
 
-        ``grads`` is ``[n, dim]`` in the store's dtype; gradients of repeated keys are summed
-        first, as torch coalesces a sparse gradient. Absent keys are created with the
+        ``grads`` is ``[n, dim]`` in the store's dtype; the gradients of a repeated key are
+        summed in position order, as torch coalesces a sparse gradient. Absent keys get the
         store's initializer. The rule reads and writes the row and its optimizer state
         together, in place where the row is mutable. ``rule`` and ``hyper`` (the float64
         options vector) are described in :mod:`mlkv.engine._rule_kernels`; the store needs
         at least the rule's ``state_dim``. float16 stores cannot be trained. ``unique=True``:
-        the caller knows the keys are distinct, and the coalescing is skipped.
+        the caller knows the keys are distinct, and the search for repeats is skipped.
         """
         keys = inputs.as_keys(keys)
         grads = inputs.as_values(grads, keys.shape[0], self.dim, self.dtype)

@@ -1,9 +1,9 @@
-"""The batch kernels of the torch adapters against plain Python references."""
+"""The batch kernels (distinct keys, grouped positions, summed rows) against plain Python."""
 
 import numpy as np
 import pytest
 
-from mlkv.frameworks.torch._batch_kernels import unique_inverse
+from mlkv.engine._batch_kernels import group_positions, sum_rows_first_seen, unique_inverse
 
 
 def reference_unique_inverse(ids):
@@ -31,7 +31,6 @@ def test_unique_inverse_matches_the_reference(n, high):
 def test_sum_rows_first_seen_matches_the_reference(dtype, n, high, dim):
     """Each distinct row's gradient, summed in position order as a plain loop adds into
     zeros, whatever the output buffer held before (it is reused between steps)."""
-    from mlkv.frameworks.torch._batch_kernels import sum_rows_first_seen
     rng = np.random.default_rng(n + dim)
     _, inverse = unique_inverse(rng.integers(0, high, n))
     n_rows = int(inverse.max()) + 1 if n else 0
@@ -46,8 +45,17 @@ def test_sum_rows_first_seen_matches_the_reference(dtype, n, high, dim):
 
 
 def test_sum_rows_first_seen_refuses_another_order():
-    from mlkv.frameworks.torch._batch_kernels import sum_rows_first_seen
     grads = np.ones((3, 2), np.float32)
     out = np.zeros((3, 2), np.float32)
     with pytest.raises(ValueError, match="first-seen order"):
         sum_rows_first_seen(grads, np.array([1, 0, 0]), out)
+
+
+@pytest.mark.parametrize("n, n_keys", [(0, 0), (1, 1), (7, 3), (4096, 4000), (4096, 50)])
+def test_group_positions_lists_each_keys_positions_in_order(n, n_keys):
+    rng = np.random.default_rng(n + n_keys)
+    inverse = rng.integers(0, max(n_keys, 1), n) if n_keys else np.empty(0, np.int64)
+    order, offsets = group_positions(inverse, n_keys)
+    assert offsets.shape == (n_keys + 1,) and offsets[0] == 0 and offsets[-1] == n
+    for k in range(n_keys):
+        assert order[offsets[k]:offsets[k + 1]].tolist() == np.flatnonzero(inverse == k).tolist()

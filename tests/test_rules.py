@@ -287,3 +287,34 @@ def test_hyper_vector_layout():
         0.02, 1e-7, 0.8, 0.95, 12)
     h = hyper_vector("rowwise_adagrad", lr=0.1, weight_decay=0.3, lr_decay=0.2)
     assert (h[RK.H_WEIGHT_DECAY], h[RK.H_LR_DECAY], h[RK.H_STEP]) == (0.3, 0.2, 1)
+
+
+# ============================================================== the store's update, grouped
+@pytest.mark.parametrize("rule", ["sgd", "adagrad", "adam"])
+def test_store_update_sums_repeated_keys_like_coalescing_first(tmp_path, rule):
+    """Store.update with repeated keys (the kernel sums each key's positions as it updates
+    the key) equals coalescing first and updating distinct rows, in a batch larger than the
+    buffer pool (the kernel stops, rows are evicted and brought back, and it resumes)."""
+    import mlkv
+    rng = np.random.default_rng(11)
+    n_keys, dim = 3000, 16
+    values = rng.standard_normal((n_keys, dim)).astype(np.float32)
+    stores = [mlkv.open(tmp_path / name, dim=dim, state_dim=state_dim(rule, dim),
+                        page_bits=12, memory_bytes=16 << 12) for name in ("grouped", "one")]
+    for store in stores:
+        store.put(np.arange(n_keys), values)
+    state = np.zeros((n_keys, state_dim(rule, dim)), np.float32)
+    table = values.copy()
+    for step in range(1, 4):
+        ids = rng.integers(0, n_keys, 20_000)                  # about 6.7 positions a key
+        weights = rng.standard_normal((ids.shape[0], dim)).astype(np.float32)
+        hyper = hyper_vector(rule, lr=0.1, step=step)
+        stores[0].update(ids, weights, rule, hyper)
+        unique, grads = coalesce(ids, weights)
+        stores[1].update(unique, grads, rule, hyper, unique=True)
+        rows, row_state = table[unique], state[unique]
+        apply(rule, rows, row_state, grads, hyper)
+        table[unique], state[unique] = rows, row_state
+    for store in stores:
+        np.testing.assert_allclose(store.get(np.arange(n_keys)), table, rtol=0, atol=1e-5)
+        store.close()

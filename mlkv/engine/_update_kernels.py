@@ -6,7 +6,7 @@ protocol, and :mod:`mlkv.engine._rule_kernels` for the rules.
 
 import numpy as np
 
-from .._jit import kernel
+from .._jit import inline_kernel, kernel
 from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
                            G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, PREFETCH_DISTANCE,
                            _frame_word, _prefetch_span, allocate, find_slots, move_record)
@@ -16,13 +16,34 @@ from ._rule_kernels import RULES, apply_rule
 DONE, NO_FRAME, COLD, MISSING = range(4)
 
 
+@inline_kernel
+def _grouped_grad(grads, order, first, stop, summed):
+    """The sum of ``grads[order[first:stop]]`` in that order: the row itself when it is
+    alone, else accumulated in ``summed``."""
+    g = grads[order[first]]
+    if stop - first == 1:
+        return g
+    summed[:] = g
+    for q in range(first + 1, stop):
+        row = grads[order[q]]
+        for j in range(summed.shape[0]):
+            summed[j] += row[j]
+    return summed
+
+
 def _update_rows_for(rule):
     """The kernel below with update rule ``rule`` fixed when it compiles (see UPDATE_ROWS)."""
 
     @kernel
     def update_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys, grads,
-                    rule_state_dim, hyper, start):
+                    order, offsets, rule_state_dim, hyper, start):
         """Apply the update rule to the rows of ``keys[start:]`` (unique) with ``grads``.
+
+        ``offsets`` empty: ``grads[i]`` is the gradient of ``keys[i]``. Else ``grads`` has a
+        row per position of a batch whose keys repeat, and the gradient of ``keys[i]`` is the
+        sum of rows ``order[offsets[i]:offsets[i + 1]]``, in that order (see
+        :func:`._batch_kernels.group_positions`): summed here, row by row, rather than into a
+        table of summed rows first (one pass over the gradient instead of three).
 
         A row in the mutable region (at or above ``read_only``) is updated in place; a row in
         memory below it is first copied to the tail (the checkpoint's copy stays untouched).
@@ -68,13 +89,17 @@ def _update_rows_for(rule):
         flat_vals = vals.reshape(vals.size)
         flat_state = f32.reshape(f32.size)
         record_words = geo[G_RECORD_WORDS]
+        grouped = offsets.shape[0] > 0
+        summed = np.empty(dim, dtype=grads.dtype)
         for k in range(stop - start):
             if k + PREFETCH_DISTANCE < stop - start:
                 _prefetch_span(flat_words, at[k + PREFETCH_DISTANCE], record_words, True)
             v0 = at[k] * values_per_word + value_base
             s0 = at[k] * 2 + state_base
-            apply_rule(rule, flat_vals[v0:v0 + dim], flat_state[s0:s0 + rule_state_dim],
-                       grads[start + k], hyper)
+            g = grads[start + k] if not grouped else _grouped_grad(
+                grads, order, offsets[start + k], offsets[start + k + 1], summed)
+            apply_rule(rule, flat_vals[v0:v0 + dim], flat_state[s0:s0 + rule_state_dim], g,
+                       hyper)
         return stop, status
 
     return update_rows

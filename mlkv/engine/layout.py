@@ -45,6 +45,7 @@ Header (one little-endian uint64)
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -64,7 +65,10 @@ CHECKED_HEADER_MASK = np.int64(-(1 << 48))      # bits 48..63 (the flags and abo
 
 @dataclasses.dataclass(frozen=True)
 class RecordLayout:
-    """Byte offsets of one store's records and how they pack into pages."""
+    """Byte offsets of one store's records and how they pack into pages.
+
+    The derived sizes are computed once (every store call reads some of them).
+    """
 
     dim: int
     itemsize: int
@@ -72,31 +76,31 @@ class RecordLayout:
     page_bits: int
     segment_bits: int
 
-    @property
+    @functools.cached_property
     def value_offset(self) -> int:
         return HEADER_BYTES + KEY_BYTES
 
-    @property
+    @functools.cached_property
     def value_bytes(self) -> int:
         return self.dim * self.itemsize
 
-    @property
+    @functools.cached_property
     def state_offset(self) -> int:
         return _round_up(self.value_offset + self.value_bytes, 4)
 
-    @property
+    @functools.cached_property
     def state_bytes(self) -> int:
         return 4 * self.state_dim
 
-    @property
+    @functools.cached_property
     def record_bytes(self) -> int:
         return _round_up(self.state_offset + self.state_bytes, 8)
 
-    @property
+    @functools.cached_property
     def page_bytes(self) -> int:
         return 1 << self.page_bits
 
-    @property
+    @functools.cached_property
     def records_per_page(self) -> int:
         return self.page_bytes // self.record_bytes
 

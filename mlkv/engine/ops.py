@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from ..errors import CorruptionError
+from . import _batch_kernels as BK
 from . import _checksum_kernels as CK
 from . import _log_kernels as K
 from . import _update_kernels as UK
@@ -246,13 +247,11 @@ def lookahead(eng: Engine, keys: np.ndarray) -> None:
 
 
 def coalesce(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct ``keys`` and the sum of their gradient rows (as torch coalesces a sparse
-    gradient). Keys already strictly increasing are returned as they are, without a sort."""
-    if keys.shape[0] < 2 or (keys[1:] > keys[:-1]).all():
-        return keys, grads
-    distinct, inverse = np.unique(keys, return_inverse=True)
-    summed = np.zeros((distinct.shape[0], grads.shape[1]), dtype=grads.dtype)
-    np.add.at(summed, inverse, grads)
+    """Distinct ``keys`` (first-seen order) and the sum of each one's gradient rows, in
+    position order (as torch coalesces a sparse gradient)."""
+    distinct, inverse = BK.unique_inverse(keys)
+    summed = np.empty((distinct.shape[0], grads.shape[1]), dtype=grads.dtype)
+    BK.sum_rows_first_seen(grads, inverse, summed)
     return distinct, summed
 
 
@@ -261,15 +260,18 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
     """Apply an update rule to the rows of ``keys`` (see :mod:`._update_kernels`); returns
     how many rows were updated.
 
-    0. The gradients of repeated keys are summed, as torch coalesces a sparse gradient
-       (unless the caller says the keys are ``unique``).
+    0. Repeated keys are found (unless the caller says the keys are ``unique``); their
+       gradients are summed inside the kernel, as torch coalesces a sparse gradient.
     1. The rows are brought into the mutable region (the lookahead path) and absent keys
        created with ``init = (kind, scale, seed)``, a share of the buffer pool at a time.
     2. One kernel pass applies the rule in place. A row evicted in between (a batch larger
        than the pool) sends the loop back to step 1 from there.
     """
+    order = offsets = np.empty(0, dtype=np.int64)
     if not unique:
-        keys, grads = coalesce(keys, grads)
+        keys, inverse = BK.unique_inverse(keys)
+        if keys.shape[0] < inverse.shape[0]:
+            order, offsets = BK.group_positions(inverse, keys.shape[0])
     log = eng.log
     update_rows = UK.UPDATE_ROWS[rule]
     # rows brought in per round: a quarter of the pool, so none is evicted before its update
@@ -278,7 +280,7 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
     def run(pos):
         return update_rows(
             eng.index.slot_keys, eng.index.slot_addrs, log.words, log.vals, log.f32, log.dirty,
-            log.geo, log.marks, keys, grads, rule_state_dim, hyper, pos)
+            log.geo, log.marks, keys, grads, order, offsets, rule_state_dim, hyper, pos)
 
     pos, status = run(0)          # training rows were just read: usually all in memory
     while status != UK.DONE:

@@ -8,10 +8,11 @@ sparse gradient (``Tensor.coalesce()``) a sparse ``nn.Embedding`` hands its opti
 backward of :class:`StoreRows` passes it to the module, which applies it in the store.
 
 ``KVEmbedding`` itself uses :class:`Lookup` instead: the store reads every position straight
-into the output (no local table, no second gather pass), and backward sums the output's
-gradient into the unique rows in one Numba pass, several times cheaper than the backward of
-``F.embedding`` on the CPU (the sum's order may differ: the result agrees with torch's to
-float rounding).
+into the output (no local table, no second gather pass). Its backward hands the output's
+gradient, a row per position, to the store's fused update, whose kernel sums the rows of a
+repeated id as it updates that id; when the gradient must outlive the backward (``fused=False``,
+a pipeline's update queue) it is first summed per distinct id in one Numba pass. Either way
+the sums run in position order and agree with torch's to float rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 import threading
 
-from ._batch_kernels import sum_rows_first_seen, unique_inverse
+from ...engine._batch_kernels import sum_rows_first_seen, unique_inverse
 
 
 class StoreRows(torch.autograd.Function):
@@ -47,28 +48,34 @@ class Lookup(torch.autograd.Function):
     store into the output, whose backward hands the coalesced gradient of the distinct rows to
     ``module._receive_grad``.
 
-    The gradient's sum over repeated ids runs in a Numba kernel (:mod:`._batch_kernels`),
-    several times cheaper than ``index_add_`` on the CPU for batches of thousands of ids.
+    The gradient's sum over repeated ids runs in Numba kernels (the store's update, or
+    :mod:`mlkv.engine._batch_kernels`), several times cheaper than ``index_add_`` on the CPU
+    for batches of thousands of ids.
     """
 
     @staticmethod
-    def forward(ctx, anchor, module, unique_ids, out, inverse, local_pad):
+    def forward(ctx, anchor, module, flat, unique_ids, out, inverse, local_pad):
         ctx.module, ctx.unique_ids, ctx.local_pad = module, unique_ids, local_pad
-        ctx.inverse = inverse
+        ctx.flat, ctx.inverse = flat, inverse
         return torch.from_numpy(out)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_out = grad_out.detach().to("cpu").reshape(-1, grad_out.shape[-1])
         grads = np.ascontiguousarray(grad_out.numpy())
-        scratch = ctx.module._grad_scratch
+        module = ctx.module
+        if module.fused and module._update_sink is None and ctx.local_pad is None:
+            # applied right here: the store sums repeated ids inside its update kernel
+            module._receive_position_grads(ctx.flat, grads)
+            return None, None, None, None, None, None, None
+        scratch = module._grad_scratch
         summed = scratch.take(ctx.unique_ids.shape[0], grads.shape[1], grads.dtype)
         try:
             sum_rows_first_seen(grads, ctx.inverse, summed)
-            ctx.module._receive_grad(ctx.unique_ids, torch.from_numpy(summed), ctx.local_pad)
+            module._receive_grad(ctx.unique_ids, torch.from_numpy(summed), ctx.local_pad)
         finally:
             scratch.give_back(summed)
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
 
 
 class GradScratch:
@@ -113,7 +120,7 @@ def lookup(module, ids: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled():
         local_pad = position_of(unique_ids, module.padding_idx)
         anchor = torch.empty(0, requires_grad=True)
-        result = Lookup.apply(anchor, module, unique_ids, out, inverse, local_pad)
+        result = Lookup.apply(anchor, module, flat, unique_ids, out, inverse, local_pad)
     else:
         result = torch.from_numpy(out)
     return result.to(ids.device)

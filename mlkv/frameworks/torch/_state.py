@@ -3,8 +3,23 @@
 A module opens its store here (or checks one it is given); a finalizer releases it with the
 module. :func:`save` and :func:`load` implement ``state_dict`` by reference: a saved state
 names its rows by the store's path and ``content_id`` (the id of the last checkpoint that
-changed a row), so checkpoints and compactions that change no row keep it loadable. The
-rules are in the docstring of :mod:`mlkv.frameworks.torch.modules`.
+changed a row), so checkpoints and compactions that change no row keep it loadable. What
+is saved is described in the docstring of :mod:`mlkv.frameworks.torch.modules`. Loading,
+after the checks there:
+
+1. The module's store is at the saved path. Its ``content_id`` equals the saved one and
+   ``store.changed`` is False: nothing to do. ``store.changed`` is True and its last
+   checkpoint's ``content_id`` is the saved one: the writes since are dropped by closing the
+   store without a checkpoint (``close(checkpoint=False)``) and reopening it with the same
+   options; only a store the module opened (one passed with ``store=`` raises
+   :class:`~mlkv.MlkvError` instead). Another ``content_id``: a checkpoint of changed rows
+   was taken since the save and the store keeps only its last checkpoint, so this raises
+   :class:`~mlkv.MlkvError` naming both ids (to keep a state, copy the directory after
+   ``state_dict()``; put the copy back at the saved path to load it).
+2. The saved path is another store: it must exist and its ``content_id`` must be the saved
+   one (else :class:`~mlkv.MlkvError`; a writer holding it raises
+   :class:`~mlkv.StoreLockedError`). The module opens it and switches to it, releasing its
+   own store as :meth:`~KVEmbedding.close` does (a copy at the module's path is not used).
 """
 
 from __future__ import annotations

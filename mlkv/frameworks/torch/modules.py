@@ -50,21 +50,8 @@ checkpoint (``store.changed``), it checkpoints first. Under ``<prefix>_extra_sta
 ints and floats only, so ``torch.load(..., weights_only=True)`` reads it. ``load_state_dict``
 checks ``dim``, ``dtype`` and ``optimizer`` (a difference raises
 :class:`~mlkv.SettingsMismatchError`), takes the options and the step count (as a torch
-optimizer's ``load_state_dict`` does), then:
-
-1. The module's store is at the saved path. Its ``content_id`` equals the saved one and
-   ``store.changed`` is False: nothing to do. ``store.changed`` is True and its last
-   checkpoint's ``content_id`` is the saved one: the writes since are dropped by closing the
-   store without a checkpoint (``close(checkpoint=False)``) and reopening it with the same
-   options; only a store the module opened (one passed with ``store=`` raises
-   :class:`~mlkv.MlkvError` instead). Another ``content_id``: a checkpoint of changed rows
-   was taken since the save and the store keeps only its last checkpoint, so this raises
-   :class:`~mlkv.MlkvError` naming both ids (to keep a state, copy the directory after
-   ``state_dict()``; put the copy back at the saved path to load it).
-2. The saved path is another store: it must exist and its ``content_id`` must be the saved
-   one (else :class:`~mlkv.MlkvError`; a writer holding it raises
-   :class:`~mlkv.StoreLockedError`). The module opens it and switches to it, releasing its
-   own store as :meth:`~KVEmbedding.close` does (a copy at the module's path is not used).
+optimizer's ``load_state_dict`` does), then finds the saved rows, rolling the store back
+or switching to the saved store (the rules: :mod:`mlkv.frameworks.torch._state`).
 
 *Lifetime.* ``path=None`` makes a store in a new temporary directory, removed (without a
 checkpoint) at ``close()`` or when the module is garbage-collected; its ``state_dict`` is
@@ -240,6 +227,14 @@ class KVEmbedding(nn.Module):
             self._step += 1
             step = self._step
         self._dispatch(unique_ids, g, step)
+
+    def _receive_position_grads(self, ids, grads):
+        """Backward of a lookup, fused and applied at once: ``grads`` has a row per position
+        of ``ids`` (flat; ids repeat), summed per id by the store's update."""
+        with self._grad_lock:
+            self._step += 1
+            step = self._step
+        self.store.update(ids, grads, self.optimizer, self._hyper(step))
 
     def _dispatch(self, unique_ids, grads, step):
         sink = self._update_sink

@@ -1,15 +1,16 @@
-"""Numba kernels over one batch of ids: no torch here, plain int64 arrays.
+"""Numba kernels over one batch of keys that may repeat: plain int64 arrays.
 
-``torch.unique(sorted=True, return_inverse=True)`` sorts the batch; a lookup only needs each
-distinct id once and where every position's id went. A small open-addressing table does that
-in one pass, in first-seen order, several times faster than the sort for batches of
-thousands of ids.
+``np.unique(return_inverse=True)`` (and ``torch.unique``) sort the batch; a lookup or an
+update only needs each distinct key once and where every position's key went. A small
+open-addressing table does that in one pass, in first-seen order, several times faster than
+the sort for batches of thousands of keys. The gradient of a key that repeats is the sum of
+its positions' rows, in position order, as torch coalesces a sparse gradient.
 """
 
 import numpy as np
 
-from ..._jit import kernel
-from ...engine._index_kernels import mix64
+from .._jit import kernel
+from ._index_kernels import mix64
 
 
 @kernel
@@ -66,3 +67,21 @@ def sum_rows_first_seen(grads, inverse, out):
         else:
             raise ValueError("inverse is not in first-seen order (see unique_inverse)")
     return seen
+
+
+@kernel
+def group_positions(inverse, n_keys):
+    """``(order, offsets)``: the positions of key ``k`` are ``order[offsets[k]:offsets[k + 1]]``,
+    in position order (a counting sort of ``inverse``, whose values are in ``[0, n_keys)``)."""
+    offsets = np.zeros(n_keys + 1, dtype=np.int64)
+    for i in range(inverse.shape[0]):
+        offsets[inverse[i] + 1] += 1
+    for k in range(n_keys):
+        offsets[k + 1] += offsets[k]
+    fill = offsets[:-1].copy()
+    order = np.empty(inverse.shape[0], dtype=np.int64)
+    for i in range(inverse.shape[0]):
+        k = inverse[i]
+        order[fill[k]] = i
+        fill[k] += 1
+    return order, offsets
