@@ -11,7 +11,10 @@ so nothing but the embedding is timed), and the optimizer's update:
 - dense (sgd only): the least work any SGD step on these ids must do, by hand on a dense
   table, no autograd and no sparse gradient: ``out = W[ids]``, then
   ``W.index_add_(0, ids, w, alpha=-lr)`` (repeated ids add up, as summing their gradients
-  first would). It bounds what any sparse SGD could reach here.
+  first would): what torch's own ops reach without autograd or a sparse gradient;
+- ceiling (sgd only): the same step in ``@njit`` loops over the dense array (gather the rows
+  out, subtract ``lr * w`` row by row): what this machine's memory allows an SGD step on
+  these ids, the ceiling of the resident benchmarks applied to training.
 
 Both start from the same rows (``from_dense``), see the same id sequence and use one torch
 thread, so the ratio compares the work each does per step. Issue 4's target: mlkv at least
@@ -33,7 +36,7 @@ from mlkv.frameworks.torch import KVEmbedding  # noqa: E402
 OPTIMIZERS = ("sgd", "adagrad", "adam")
 #: (system, optimizer) pairs timed; the dense step exists for plain SGD only
 CASES = [(system, optimizer) for optimizer in OPTIMIZERS for system in ("torch", "mlkv")] + [
-    ("dense", "sgd")]
+    ("dense", "sgd"), ("ceiling", "sgd")]
 LR = 0.01
 
 
@@ -53,6 +56,8 @@ def _make(system, optimizer, n, weight, path):
             return out
 
         return table, dense_step
+    if system == "ceiling":
+        return _ceiling_step(weight.numpy().copy(), w.numpy())
     if system == "torch":
         emb = torch.nn.Embedding(n, DIM, sparse=True)
         with torch.no_grad():
@@ -80,6 +85,40 @@ def _make(system, optimizer, n, weight, path):
         return out
 
     return emb, step
+
+
+def _ceiling_step(table, w):
+    """The SGD step of the ``ceiling`` system on a dense float32 array (see the docstring)."""
+    import numba
+    import numpy as np
+
+    # row views: a 2-D index with a signed column compiles to vector gathers (see
+    # bench/README.md, "Where the time goes"), row views to plain vector loads and stores
+    @numba.njit(nogil=True, boundscheck=False)
+    def gather(table, ids, out):
+        for i in range(ids.shape[0]):
+            src, dst = table[ids[i]], out[i]
+            for j in range(src.shape[0]):
+                dst[j] = src[j]
+
+    @numba.njit(nogil=True, boundscheck=False)
+    def sgd(table, ids, grads, lr):
+        for i in range(ids.shape[0]):
+            row, g = table[ids[i]], grads[i]
+            for j in range(row.shape[0]):
+                row[j] -= lr * g[j]
+
+    lr = np.float32(LR)
+
+    def step(ids):
+        keys = ids.numpy()
+        out = np.empty((keys.shape[0], table.shape[1]), dtype=np.float32)
+        gather(table, keys, out)
+        sgd(table, keys, w, lr)
+        return torch.from_numpy(out)
+
+    step(torch.zeros(1, dtype=torch.int64))            # compile outside the timings
+    return table, step
 
 
 @pytest.mark.parametrize("dist", DISTS)

@@ -54,28 +54,31 @@ class Lookup(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, anchor, module, flat, unique_ids, out, inverse, local_pad):
-        ctx.module, ctx.unique_ids, ctx.local_pad = module, unique_ids, local_pad
-        ctx.flat, ctx.inverse = flat, inverse
+    def forward(ctx, anchor, module, flat, out):
+        ctx.module, ctx.flat = module, flat
         return torch.from_numpy(out)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_out = grad_out.detach().to("cpu").reshape(-1, grad_out.shape[-1])
         grads = np.ascontiguousarray(grad_out.numpy())
-        module = ctx.module
-        if module.fused and module._update_sink is None and ctx.local_pad is None:
+        module, flat, pad = ctx.module, ctx.flat, ctx.module.padding_idx
+        padded = pad is not None and bool((flat == pad).any())
+        if module.fused and module._update_sink is None and not padded:
             # applied right here: the store sums repeated ids inside its update kernel
-            module._receive_position_grads(ctx.flat, grads)
-            return None, None, None, None, None, None, None
+            module._receive_position_grads(flat, grads)
+            return None, None, None, None
+        # kept for later (or a padding row to drop): summed per distinct id first
+        unique_ids, inverse = unique_inverse(flat)
         scratch = module._grad_scratch
-        summed = scratch.take(ctx.unique_ids.shape[0], grads.shape[1], grads.dtype)
+        summed = scratch.take(unique_ids.shape[0], grads.shape[1], grads.dtype)
         try:
-            sum_rows_first_seen(grads, ctx.inverse, summed)
-            module._receive_grad(ctx.unique_ids, torch.from_numpy(summed), ctx.local_pad)
+            sum_rows_first_seen(grads, inverse, summed)
+            module._receive_grad(unique_ids, torch.from_numpy(summed),
+                                 position_of(unique_ids, pad))
         finally:
             scratch.give_back(summed)
-        return None, None, None, None, None, None, None
+        return None, None, None, None
 
 
 class GradScratch:
@@ -115,12 +118,10 @@ def lookup(module, ids: torch.Tensor) -> torch.Tensor:
     distinct rows and gathering them into the output in a second pass.
     """
     flat = flat_ids(ids)
-    unique_ids, inverse = unique_inverse(flat)
-    out = module._read_rows(unique_ids, flat).reshape(*ids.shape, module.dim)
+    out = module._read_rows(flat).reshape(*ids.shape, module.dim)
     if torch.is_grad_enabled():
-        local_pad = position_of(unique_ids, module.padding_idx)
         anchor = torch.empty(0, requires_grad=True)
-        result = Lookup.apply(anchor, module, flat, unique_ids, out, inverse, local_pad)
+        result = Lookup.apply(anchor, module, flat, out)
     else:
         result = torch.from_numpy(out)
     return result.to(ids.device)
@@ -135,7 +136,7 @@ def lookup_table(module, ids: torch.Tensor):
     None when that id is not in the batch).
     """
     unique_ids, inverse = distinct(ids)
-    rows = module._read_rows(unique_ids)
+    rows = module._read_rows(unique_ids, unique_ids)
     local_pad = position_of(unique_ids, module.padding_idx)
     if torch.is_grad_enabled():
         anchor = torch.empty(0, requires_grad=True)

@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlkv
+from mlkv.engine._batch_kernels import unique_inverse
 from mlkv.engine._rule_kernels import hyper_vector
 from mlkv.engine.ops import coalesce
 
@@ -193,15 +194,14 @@ class KVEmbedding(nn.Module):
         check_ids(ids)
         return lookup(self, ids)
 
-    def _read_rows(self, unique_ids: np.ndarray, keys: np.ndarray | None = None) -> np.ndarray:
-        """Rows of ``keys`` (default ``unique_ids``, its distinct ids); gate, then create."""
+    def _read_rows(self, keys: np.ndarray, unique_ids: np.ndarray | None = None) -> np.ndarray:
+        """Rows of ``keys`` (``unique_ids``: its distinct ids, if known); gate, then create."""
         if self._read_gate is not None:
-            self._read_gate(self, unique_ids)
-        keys = unique_ids if keys is None else keys
+            self._read_gate(self, unique_inverse(keys)[0] if unique_ids is None else unique_ids)
         store, pad = self.store, self.padding_idx
         if store.readonly:
             return store.get(keys)
-        if pad is not None and (unique_ids == pad).any() and pad not in store:
+        if pad is not None and (keys == pad).any() and pad not in store:
             store.put([pad], np.zeros((1, self.dim), dtype=store.dtype))
         return store.get_or_init(keys)
 
