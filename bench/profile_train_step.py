@@ -4,9 +4,10 @@
 
 The step of ``test_bench_torch.py`` (``out = emb(ids); out.backward(w)``, batches of 4,096
 ids, dim 64, 262,144 rows in memory, one torch thread), timed whole and split into its
-parts on the same batches: the batch's distinct ids, the store read (``get_or_init`` of
-every position), the fused update (``store.update`` of the distinct ids), and torch's step
-(``nn.Embedding(sparse=True)`` and the matching optimizer) beside it. Prints µs per batch,
+parts on the same batches: finding the batch's distinct ids (the update does it), the store
+read (``get_or_init`` of every position) and the fused update (``store.update`` of every
+position's gradient row, repeats summed in the kernel), as the step calls them; and torch's
+step (``nn.Embedding(sparse=True)`` and the matching optimizer) beside it. Prints µs per batch,
 the mean over the batches, of two passes (the second is warm).
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import BATCH, DIM, ZipfSampler  # noqa: E402
 
 from mlkv.frameworks.torch import KVEmbedding  # noqa: E402
-from mlkv.frameworks.torch._autograd import distinct  # noqa: E402
+from mlkv.engine._batch_kernels import unique_inverse  # noqa: E402
 
 ROWS = 1 << 18
 LR = 0.01
@@ -69,18 +70,15 @@ def main() -> None:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step_us = per_batch_us(lambda i: emb(i).backward(w), ids)
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (2 * len(ids))
-        uniques = [distinct(i)[0] for i in ids]
-        # one gradient block sliced per batch: hundreds of 1 MiB arrays held alive would keep
-        # malloc handing every later 1 MiB block out as a fresh mmap (page faults per step)
+        # one gradient block for every batch, as the step's own fixed output gradient
         grad_block = np.random.default_rng(1).random((BATCH, DIM), dtype=np.float32)
         hyper = emb._hyper(1)
         parts = {
             f"step ({faults:.0f} page faults a step)": step_us,
-            "  distinct ids": per_batch_us(distinct, ids),
+            "  distinct ids": per_batch_us(unique_inverse, batches),
             "  read (get_or_init, every position)": per_batch_us(store.get_or_init, batches),
-            "  update (store.update, distinct ids)": per_batch_us(
-                lambda u: store.update(u, grad_block[:u.shape[0]], args.optimizer, hyper,
-                                       unique=True), uniques),
+            "  update (store.update, every position)": per_batch_us(
+                lambda b: store.update(b, grad_block, args.optimizer, hyper), batches),
         }
         emb.close()
     table = torch.nn.Embedding(ROWS, DIM, sparse=True)
@@ -95,7 +93,7 @@ def main() -> None:
         opt.zero_grad()
 
     parts["torch step"] = per_batch_us(torch_step, ids)
-    distinct_rows = np.mean([u.shape[0] for u in uniques])
+    distinct_rows = np.mean([unique_inverse(b)[0].shape[0] for b in batches])
     print(f"{args.optimizer}, {args.dist} ids: {distinct_rows:.0f} distinct of {BATCH} a batch")
     for name, us in parts.items():
         print(f"{name:40s} {us:8.0f} µs")
