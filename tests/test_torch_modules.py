@@ -169,6 +169,23 @@ def test_bag_int32_offsets_and_empty_bags(make):
 
 
 # ---- fused and deferred updates ------------------------------------------------------------
+def test_assigned_learning_rate_takes_effect_at_the_next_step(make):
+    """``emb.lr = ...`` between steps (a schedule) changes the next update, as a torch
+    optimizer's ``param_groups[0]["lr"]`` does: lr 0 leaves the rows, lr back moves them."""
+    emb = make(optimizer="sgd", lr=0.1)
+    ids = torch.tensor([1, 2, 2])
+    (emb(ids) ** 2).sum().backward()
+    before = emb.store.get([1, 2])
+    emb.lr = 0.0
+    (emb(ids) ** 2).sum().backward()
+    np.testing.assert_array_equal(emb.store.get([1, 2]), before)
+    emb.lr = 0.1
+    rows = torch.from_numpy(before)
+    (emb(ids) ** 2).sum().backward()
+    want = rows - 0.1 * torch.stack([2 * rows[0], 4 * rows[1]])   # d/dx of x**2, id 2 twice
+    np.testing.assert_allclose(emb.store.get([1, 2]), want.numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_deferred_steps_sum_backwards_like_one_batch(make):
     """fused=False: two backwards and one step() equal one fused backward of both batches."""
     fused, deferred = make(name="f", optimizer="adam", lr=0.1), make(

@@ -261,10 +261,13 @@ def apply(rule_name: str, values: np.ndarray, state: np.ndarray, grads: np.ndarr
     APPLY_RULES[rule](values, state, grads, hyper)
 
 
+_TRAINABLE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 def check_update(rule_name: str, hyper, dim: int, dtype, store_state_dim: int):
     """Check a store update's rule and options; returns ``(code, rule state_dim, hyper)``."""
     code = _rule_code(rule_name)
-    if np.dtype(dtype).name not in ("float32", "float64"):
+    if np.dtype(dtype) not in _TRAINABLE:
         raise TypeError(f"update rules need a float32 or float64 store, not {np.dtype(dtype)}")
     need = state_dim(rule_name, dim)
     if store_state_dim < need:

@@ -33,8 +33,9 @@ BATCH_KEYS = 1 << 14
 def due(eng: ops.Engine, share: float) -> bool:
     """Whether dead records are more than ``share`` of the log and a segment could be freed."""
     segment_bits = eng.layout.segment_bits
-    return (ops.dead_fraction(eng) > share
-            and (eng.log.head >> segment_bits) > (eng.log.begin >> segment_bits))
+    # the segment test first: it is cheaper, and false while the log fits in memory
+    return ((eng.log.head >> segment_bits) > (eng.log.begin >> segment_bits)
+            and ops.dead_fraction(eng) > share)
 
 
 def compact(directory: str, eng: ops.Engine, progress: bool | None = None,

@@ -78,7 +78,7 @@ from torch import nn
 
 import mlkv
 from mlkv.engine._batch_kernels import unique_inverse
-from mlkv.engine._rule_kernels import hyper_vector
+from mlkv.engine._rule_kernels import H_STEP, hyper_vector
 from mlkv.engine.ops import coalesce
 
 from . import _state
@@ -207,8 +207,13 @@ class KVEmbedding(nn.Module):
 
     # ---- updates --------------------------------------------------------------------------
     def _hyper(self, step: int) -> np.ndarray:
-        return hyper_vector(self.optimizer, self.lr, self.eps, self.betas, self.weight_decay,
-                            self.lr_decay, step)
+        # checked (hyper_vector) once per change of options; kept outside nn.Module's __setattr__
+        options = self.optimizer, self.lr, self.eps, self.betas, self.weight_decay, self.lr_decay
+        if options != self.__dict__.get("_hyper_options"):
+            self.__dict__.update(_hyper_options=options, _hyper_base=hyper_vector(*options, 1))
+        hyper = self._hyper_base.copy()
+        hyper[H_STEP] = step
+        return hyper
 
     def _receive_grad(self, unique_ids, grad, local_pad):
         """Backward of a lookup: ``grad`` is the coalesced gradient of ``unique_ids``' rows,
