@@ -1,14 +1,14 @@
 """Page faults and time of a KVEmbedding training step, torch's beside it (not a pytest
 benchmark).
 
-    python bench/step_page_faults.py [--batches 300]
+    python bench/step_page_faults.py [--batches 300] [--batch 4096]
 
 A training script often draws its batches up front and keeps them alive; here 300 batches of
 4,096 ids (``torch.randint``, 32 KiB each) stay alive while ``out = emb(ids);
 out.backward(w)`` runs over them (sgd, dim 64, 262,144 rows in memory, one torch thread).
 Such a heap can make malloc hand every large temporary of a step out as a fresh mapping,
 so each step pays its page faults again. Prints µs and minor page faults per step (the
-second of two passes).
+second of two passes). ``--batch 1`` times the fixed cost of a step (Python, autograd).
 """
 
 from __future__ import annotations
@@ -43,11 +43,12 @@ def per_step(step, batches) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=BATCH, help="ids a batch")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    batches = [torch.randint(0, ROWS, (BATCH,)) for _ in range(args.batches)]
-    w = torch.randn(BATCH, DIM)
+    batches = [torch.randint(0, ROWS, (args.batch,)) for _ in range(args.batches)]
+    w = torch.randn(args.batch, DIM)
     weight = torch.rand(ROWS, DIM)
     with tempfile.TemporaryDirectory() as tmp:
         emb = KVEmbedding(DIM, path=os.path.join(tmp, "emb"), optimizer="sgd", lr=0.01,
