@@ -18,6 +18,7 @@ import re
 import numpy as np
 import pytest
 from faulty_device import FaultyDevice
+from model_checks import assert_store_holds
 
 import mlkv
 import mlkv.store
@@ -365,19 +366,6 @@ def test_location_names_the_segment_file(written):
 
 
 # ---- the store on each device --------------------------------------------------------------
-def assert_store_equals(store, model: dict, gone: set) -> None:
-    assert len(store) == len(model)
-    keys = np.array(sorted(model), dtype=np.int64)
-    if keys.size:
-        np.testing.assert_array_equal(store.get(keys), np.stack([model[k] for k in keys]))
-    seen = {}
-    for ks, vs in store.items(batch=97):
-        seen.update(zip(ks.tolist(), vs))
-    assert set(seen) == set(model)
-    absent = np.array(sorted(gone - set(model)), dtype=np.int64)
-    assert not store.contains(absent).any()
-
-
 def test_store_end_to_end(device_kind, tmp_path, monkeypatch):
     cls, direct = device_kind
     monkeypatch.setattr(mlkv.store.Store, "_device_class", cls)
@@ -413,12 +401,12 @@ def test_store_end_to_end(device_kind, tmp_path, monkeypatch):
                 assert type(store.engine.device) is cls
         stats = store.stats()
         assert stats["bytes_written"] > 0 and stats["segments"] > 1
-        assert_store_equals(store, model, gone)
+        assert_store_holds(store, model, gone, batch=97)
     finally:
         store.close()
     store = mlkv.open(path, **settings)
     try:
-        assert_store_equals(store, model, gone)
+        assert_store_holds(store, model, gone, batch=97)
         assert store.stats()["misses"] > 0           # rows came back from the segment files
         assert store.verify(progress=False)["ok"]
     finally:

@@ -34,6 +34,7 @@ import tempfile
 import numpy as np
 import pytest
 from faulty_device import FaultyDevice
+from model_checks import assert_store_holds
 
 import mlkv
 import mlkv.store
@@ -123,24 +124,6 @@ class Workload:
         keys = np.array(sorted(self.model), dtype=np.int64)
         addrs = self.store.engine.index.lookup(keys)
         return keys[(addrs >= 0) & (addrs < self.store.engine.log.head)]
-
-
-def assert_store_holds(store, model: dict, touched: set) -> None:
-    """``store`` holds exactly ``model``: length, every row, ``items()``, absent keys."""
-    assert len(store) == len(model)
-    keys = np.array(sorted(model), dtype=np.int64)
-    if keys.size:
-        np.testing.assert_array_equal(store.get(keys), np.stack([model[k] for k in keys]))
-    seen = {}
-    for ks, vs in store.items(batch=500):
-        for k, v in zip(ks.tolist(), vs):
-            assert k not in seen
-            seen[k] = v
-    assert set(seen) == set(model)
-    for k, v in seen.items():
-        np.testing.assert_array_equal(v, model[k])
-    absent = np.array(sorted(touched - set(model)), dtype=np.int64)
-    assert not store.contains(absent).any()
 
 
 def read_bytes(path) -> bytes | None:
