@@ -20,8 +20,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import threading
-
 from ...engine._batch_kernels import sum_rows_first_seen, unique_inverse
 
 
@@ -45,8 +43,9 @@ class StoreRows(torch.autograd.Function):
 
 class Lookup(torch.autograd.Function):
     """The rows of a batch (``F.embedding`` without padding or norms), read straight from the
-    store into the output, whose backward hands the coalesced gradient of the distinct rows to
-    ``module._receive_grad``.
+    store into the output. Backward hands the gradient, a row per position, to the store's
+    fused update; or, when it must be kept or a padding row dropped, the gradient summed per
+    distinct id to ``module._receive_grad``.
 
     The gradient's sum over repeated ids runs in Numba kernels (the store's update, or
     :mod:`mlkv.engine._batch_kernels`), several times cheaper than ``index_add_`` on the CPU
@@ -70,44 +69,11 @@ class Lookup(torch.autograd.Function):
             return None, None, None, None
         # kept for later (or a padding row to drop): summed per distinct id first
         unique_ids, inverse = unique_inverse(flat)
-        scratch = module._grad_scratch
-        summed = scratch.take(unique_ids.shape[0], grads.shape[1], grads.dtype)
-        try:
-            sum_rows_first_seen(grads, inverse, summed)
-            module._receive_grad(unique_ids, torch.from_numpy(summed),
-                                 position_of(unique_ids, pad))
-        finally:
-            scratch.give_back(summed)
+        summed = np.empty((unique_ids.shape[0], grads.shape[1]), dtype=grads.dtype)
+        sum_rows_first_seen(grads, inverse, summed)
+        module._receive_grad(unique_ids, torch.from_numpy(summed), position_of(unique_ids, pad),
+                             owned=True)
         return None, None, None, None
-
-
-class GradScratch:
-    """A reused buffer for a module's summed gradient, valid during one backward.
-
-    A fresh 1 MiB array a step can cost hundreds of page faults a step: in a process holding
-    many arrays alive, malloc may hand each one out as a new mapping (measured: a step of
-    4,096 ids 1.9 ms instead of 1.1 ms). The buffer grows to the largest batch seen and is
-    kept. A second backward running while the buffer is taken (another thread) gets a fresh
-    array. Whoever keeps the gradient past the backward (a deferred step, a pipeline's
-    update queue) copies it: see ``KVEmbedding._receive_grad``.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._buffer = np.empty(0)
-
-    def take(self, n: int, dim: int, dtype) -> np.ndarray:
-        """An uninitialised ``[n, dim]`` array of ``dtype`` (the buffer's rows when free)."""
-        if not self._lock.acquire(blocking=False):
-            return np.empty((n, dim), dtype=dtype)
-        if self._buffer.dtype != dtype or self._buffer.size < n * dim:
-            self._buffer = np.empty(max(n * dim, 2 * self._buffer.size), dtype=dtype)
-        return self._buffer[:n * dim].reshape(n, dim)
-
-    def give_back(self, array: np.ndarray) -> None:
-        """End of the backward that took ``array``."""
-        if array.base is self._buffer:
-            self._lock.release()
 
 
 def lookup(module, ids: torch.Tensor) -> torch.Tensor:

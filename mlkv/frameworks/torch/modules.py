@@ -82,7 +82,7 @@ from mlkv.engine._rule_kernels import H_STEP, hyper_vector
 from mlkv.engine.ops import coalesce
 
 from . import _state
-from ._autograd import GradScratch, check_ids, lookup, lookup_table
+from ._autograd import check_ids, lookup, lookup_table
 
 _CHUNK = 1 << 16          # rows per store call in to_dense / from_dense
 
@@ -145,7 +145,6 @@ class KVEmbedding(nn.Module):
         self.fused = bool(fused)
         self._read_gate = self._update_sink = None
         self._step, self._pending, self._grad_lock = 0, [], threading.Lock()
-        self._grad_scratch = GradScratch()       # the summed gradient's buffer (backward)
         self._open_options = dict(memory_bytes=memory_bytes, init=init, init_scale=init_scale,
                                   seed=seed, **store_options)
         _state.attach(self, path, store, dtype)
@@ -215,16 +214,16 @@ class KVEmbedding(nn.Module):
         hyper[H_STEP] = step
         return hyper
 
-    def _receive_grad(self, unique_ids, grad, local_pad):
-        """Backward of a lookup: ``grad`` is the coalesced gradient of ``unique_ids``' rows,
-        valid during this call only (copied when it is kept: a deferred step, a sink)."""
+    def _receive_grad(self, unique_ids, grad, local_pad, owned=False):
+        """Backward of a lookup: ``grad`` (``unique_ids``' coalesced gradient) is copied when
+        kept (a deferred step, a sink) unless ``owned`` (fresh, no one else's)."""
         g = grad.detach().cpu().numpy()
         if local_pad is not None:
             keep = np.ones(unique_ids.shape[0], dtype=bool)
             keep[local_pad] = False
             unique_ids, g = unique_ids[keep], g[keep]
         kept = not self.fused or self._update_sink is not None      # else applied right here
-        g = np.array(g, dtype=self.store.dtype, order="C", copy=True if kept else None)
+        g = np.array(g, dtype=self.store.dtype, order="C", copy=(kept and not owned) or None)
         with self._grad_lock:
             if not self.fused:
                 self._pending.append((unique_ids, g))
@@ -239,7 +238,8 @@ class KVEmbedding(nn.Module):
         with self._grad_lock:
             self._step += 1
             step = self._step
-        self.store.update(ids, grads, self.optimizer, self._hyper(step))
+        if ids.shape[0]:
+            self.store.update(ids, grads, self.optimizer, self._hyper(step))
 
     def _dispatch(self, unique_ids, grads, step):
         sink = self._update_sink
