@@ -48,7 +48,7 @@ def sum_rows_first_seen(grads, inverse, out):
 
     ``inverse`` must be in first-seen order, as :func:`unique_inverse` returns it (row ``r``
     first appears after rows ``0 .. r-1``): a row's first position assigns and later ones add,
-    so ``out`` need not start at zeros (a reused buffer takes no zeroing pass) and the sums
+    so ``out`` need not start at zeros (``np.empty`` will do: no zeroing pass) and the sums
     equal those of adding into zeros. Rows ``>= `` the number seen are left untouched. Raises
     ValueError when ``inverse`` is not in first-seen order.
     """
