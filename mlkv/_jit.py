@@ -109,3 +109,21 @@ def prefetch(typingctx, array, index):
 def prefetch_for_write(typingctx, array, index):
     """As :func:`prefetch`, for a line about to be written (fetched in exclusive state)."""
     return _types.void(array, index), _prefetch_codegen(1)
+
+
+@_intrinsic
+def fma(typingctx, a, b, c):
+    """``fma(a, b, c)``: ``a * b + c`` rounded once (a fused multiply-add), for floats of one type.
+
+    torch's CPU kernels compute ``x.add_(y, alpha=a)`` as ``fma(a, y, x)``; the update rules
+    use this where torch does, so a row gets torch's numbers to the bit, not to an ulp per step.
+    """
+    if not (isinstance(a, _types.Float) and a == b == c):
+        return None
+
+    def codegen(context, builder, signature, args):
+        ty = args[0].type
+        fn = builder.module.declare_intrinsic("llvm.fma", [ty], _ir.FunctionType(ty, [ty] * 3))
+        return builder.call(fn, args)
+
+    return a(a, b, c), codegen

@@ -196,12 +196,13 @@ class Store:
         """Fused optimizer step: apply update ``rule`` to the rows of ``keys``.
 
         ``grads`` is ``[n, dim]`` in the store's dtype; the gradients of a repeated key are
-        summed in position order, as torch coalesces a sparse gradient. Absent keys get the
-        store's initializer. The rule reads and writes the row and its optimizer state
-        together, in place where the row is mutable. ``rule`` and ``hyper`` (the float64
-        options vector) are described in :mod:`mlkv.engine._rule_kernels`; the store needs
-        at least the rule's ``state_dim``. float16 stores cannot be trained. ``unique=True``:
-        the caller knows the keys are distinct, and the search for repeats is skipped.
+        summed in position order, as torch coalesces a sparse gradient (sgd, linear, adds them
+        in turn, as torch's SGD does). Absent keys get the store's initializer. The rule
+        reads and writes the row and its optimizer state together, in place where the row is
+        mutable. ``rule`` and ``hyper`` (the float64 options vector) are described in
+        :mod:`mlkv.engine._rule_kernels`; the store needs at least the rule's ``state_dim``.
+        float16 stores cannot be trained. ``unique=True``: the caller knows the keys are
+        distinct, and the search for repeats is skipped.
         """
         keys = inputs.as_keys(keys)
         grads = inputs.as_values(grads, keys.shape[0], self.dim, self.dtype)
@@ -368,10 +369,10 @@ class Store:
     def stats(self) -> dict:
         """Counters and sizes.
 
-        ``gets`` rows asked for; ``hits`` rows served from memory; ``misses`` and
-        ``disk_reads`` rows read from disk; ``bytes_read`` / ``bytes_written`` device
-        traffic; ``resident_bytes`` buffer-pool pages in use plus the index; ``addresses``
-        the log markers ``begin <= head <= read_only <= tail``.
+        ``gets`` rows asked for; ``updates`` gradient rows applied (repeats included); ``hits``
+        rows served from memory; ``misses``, ``disk_reads`` rows read from disk; ``bytes_*``
+        device traffic; ``resident_bytes`` buffer-pool pages in use plus the index;
+        ``addresses`` the log markers ``begin <= head <= read_only <= tail``.
         """
         with self._op():
             return {**self._counts, **ops.stats(self._engine), "memory_bytes": self.memory_bytes,

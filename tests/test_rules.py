@@ -318,3 +318,27 @@ def test_store_update_sums_repeated_keys_like_coalescing_first(tmp_path, rule):
     for store in stores:
         np.testing.assert_allclose(store.get(np.arange(n_keys)), table, rtol=0, atol=1e-5)
         store.close()
+
+
+def test_store_update_applies_sgd_rows_one_by_one_in_position_order(tmp_path):
+    """sgd is linear: Store.update adds every gradient row of a repeated key in turn, as
+    torch's SGD adds an uncoalesced sparse gradient; bit for bit the rule applied to one
+    position at a time, in a batch larger than the buffer pool."""
+    import mlkv
+    rng = np.random.default_rng(12)
+    n_keys, dim = 3000, 16
+    values = rng.standard_normal((n_keys, dim)).astype(np.float32)
+    store = mlkv.open(tmp_path / "s", dim=dim, page_bits=12, memory_bytes=16 << 12)
+    store.put(np.arange(n_keys), values)
+    table, no_state = values.copy(), np.zeros((1, 0), np.float32)
+    for step in range(1, 3):
+        ids = rng.integers(0, n_keys, 20_000)
+        weights = rng.standard_normal((ids.shape[0], dim)).astype(np.float32)
+        hyper = hyper_vector("sgd", lr=0.1, step=step)
+        store.update(ids, weights, "sgd", hyper)
+        for i, key in enumerate(ids.tolist()):
+            row = table[key:key + 1].copy()
+            apply("sgd", row, no_state, weights[i:i + 1], hyper)
+            table[key] = row[0]
+    np.testing.assert_array_equal(store.get(np.arange(n_keys)), table)
+    store.close()

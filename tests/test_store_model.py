@@ -317,7 +317,8 @@ class StoreVsDict(RuleBasedStateMachine):
     @rule(data=st.data(), rule_name=st.sampled_from(sorted(RULES.RULES)))
     def update(self, data, rule_name):
         """The fused optimizer step against the rule applied to the model's rows and state
-        (repeated keys summed first; absent keys created by the initializer first)."""
+        (repeated keys summed first, but sgd's rows applied one by one in position order;
+        absent keys created by the initializer first)."""
         keys = self.pool_keys(data)
         rng = self.rng(data.draw(st.integers(0, 2**32 - 1), label="grads seed"))
         grads = rng.standard_normal((keys.shape[0], self.dim))
@@ -335,11 +336,20 @@ class StoreVsDict(RuleBasedStateMachine):
         self.store.update(keys, grads.tolist() if keys.shape[0] % 3 == 1 else grads,
                           rule_name, hyper)
         grads = grads.astype(self.dtype)
+        if keys.shape[0] and RULES.RULES[rule_name] in RULES.LINEAR_RULES:
+            for i in range(keys.shape[0]):
+                self.apply_to_model(keys[i:i + 1], grads[i:i + 1], rule_name, hyper)
+            return
         unique, inverse = np.unique(keys, return_inverse=True)
         if unique.shape[0] == 0:
             return
         summed = np.zeros((unique.shape[0], self.dim), dtype=self.dtype)
         np.add.at(summed, inverse, grads)
+        self.apply_to_model(unique, summed, rule_name, hyper)
+
+    def apply_to_model(self, unique, summed, rule_name, hyper):
+        """The model's rows of ``unique`` (created first if absent) after the rule's step."""
+        need = RULES.state_dim(rule_name, self.dim)
         absent = unique[[k not in self.model for k in unique.tolist()]]
         if absent.shape[0]:
             self.model.update(zip(absent.tolist(), self.init_twin().get_or_init(absent)))

@@ -19,23 +19,30 @@ options, ``t`` the global step count: 1 on the first optimizer step):
   ``2 * dim`` values. No weight decay (SparseAdam has none).
 
 State is float32 whatever the row dtype, zero for a new row. The arithmetic runs in the row's
-dtype, with the scalar options rounded to it where torch rounds them, in torch's order, so a
-float32 row agrees with torch to a few ulps per step. (A float64 row keeps float32 state,
-where torch would keep float64: agreement is then to float32 precision.)
+dtype, with the scalar options rounded to it where torch rounds them, in torch's order, and
+with a fused multiply-add where torch's ``param.add_(x, alpha=a)`` uses one (sgd, adagrad).
+Given the same gradient rows, an sgd row is then torch's to the bit; adagrad and adam agree
+to an ulp or so per step, as torch's float32 sqrt is not correctly rounded (it is off by an
+ulp on about 1 value in 6). (A float64 row keeps float32 state, where torch would keep
+float64: agreement is then to float32 precision.)
 
-A rule is not linear in ``g``: the caller sums the gradients of duplicate ids before it runs,
-as torch coalesces a sparse gradient, and runs the rule once per unique row.
+A rule other than sgd is not linear in ``g``: the caller sums the gradients of duplicate ids
+before it runs, as torch coalesces a sparse gradient, and runs the rule once per unique row.
+sgd is linear: it may run once per gradient row, duplicates included, with the same result up
+to float rounding (torch's SGD does so: it adds the uncoalesced gradient).
 """
 
 import math
 
 import numpy as np
 
-from .._jit import inline_kernel, kernel
+from .._jit import fma, inline_kernel, kernel
 
 RULE_SGD, RULE_ADAGRAD, RULE_ROWWISE_ADAGRAD, RULE_ADAM = range(4)
 RULES = {"sgd": RULE_SGD, "adagrad": RULE_ADAGRAD, "rowwise_adagrad": RULE_ROWWISE_ADAGRAD,
          "adam": RULE_ADAM}
+#: rules linear in the gradient: a duplicate id's gradient rows need no summing first
+LINEAR_RULES = frozenset((RULE_SGD,))
 
 # float64 hyper-parameter vector, indexed by these
 H_LR, H_EPS, H_BETA1, H_BETA2, H_WEIGHT_DECAY, H_STEP, H_LR_DECAY = range(7)
@@ -156,14 +163,14 @@ def apply_rule(rule, value_row, state_row, grad_row, hyper):
     if rule == RULE_SGD:                 # param.add_(grad, alpha=-lr)
         neg_lr = t(-hyper[H_LR])
         for j in range(dim):
-            value_row[j] += neg_lr * t(grad_row[j])
+            value_row[j] = fma(neg_lr, t(grad_row[j]), value_row[j])
     elif rule == RULE_ADAGRAD:           # torch.optim.adagrad, `grad.is_sparse` branch
         neg_clr, eps = t(-_clr(hyper)), t(hyper[H_EPS])
         for j in range(dim):
             g = t(grad_row[j])
             s = t(state_row[j]) + g * g
             state_row[j] = s
-            value_row[j] += neg_clr * (g / (np.sqrt(s) + eps))
+            value_row[j] = fma(neg_clr, g / (np.sqrt(s) + eps), value_row[j])
     elif rule == RULE_ROWWISE_ADAGRAD:
         neg_clr, eps, wd = t(-_clr(hyper)), t(hyper[H_EPS]), t(hyper[H_WEIGHT_DECAY])
         square_sum = 0.0                 # float64 accumulator of the row dtype's squares

@@ -32,11 +32,14 @@ def _update_rows_for(rule):
     @kernel
     def update_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys, grads,
                     order, offsets, rule_state_dim, hyper, start):
-        """Apply the update rule to the rows of ``keys[start:]`` (unique) with ``grads``.
+        """Apply the update rule to the rows of ``keys[start:]`` with ``grads``.
 
-        ``offsets`` empty: ``grads[i]`` is the gradient of ``keys[i]``. Else ``grads`` has a
-        row per position of a batch whose keys repeat, and the gradient of ``keys[i]`` is the
-        sum of rows ``order[offsets[i]:offsets[i + 1]]``, in that order (see
+        ``offsets`` empty: ``grads[i]`` is a gradient of ``keys[i]``, and a key that repeats
+        gets the rule once per position, in position order: exact for a rule linear in the
+        gradient (sgd; torch's SGD adds an uncoalesced sparse gradient the same way).
+        Otherwise the keys are unique, ``grads`` has a row per position of a batch whose
+        keys repeat, and the gradient of ``keys[i]`` is the sum of rows
+        ``order[offsets[i]:offsets[i + 1]]``, in that order (see
         :func:`._batch_kernels.group_positions`): summed here, row by row, rather than into a
         table of summed rows first (one pass over the gradient instead of three).
 
@@ -53,8 +56,10 @@ def _update_rows_for(rule):
         head = marks[M_HEAD]
         read_only = marks[M_READ_ONLY]
         n = keys.shape[0]
-        # keys are unique and none is inserted here: the slots and addresses found up front
-        # (prefetching index lines ahead) stay valid while rows move to the tail
+        # No key is inserted here, so the slots found up front (prefetching index lines
+        # ahead) stay valid. So do addresses at or above read_only (nothing there moves);
+        # below it, a repeat of a key moved to the tail earlier in this call has moved, so
+        # those are read again from the index.
         addrs = np.empty(n, dtype=np.int64)
         slots = find_slots(slot_keys, slot_addrs, keys, start, addrs)
         # Two loops, as in read_resident: find (and move) every row, then update them with
@@ -68,6 +73,8 @@ def _update_rows_for(rule):
                 stop, status = i, MISSING
                 break
             a = addrs[i]
+            if a < read_only:
+                a = slot_addrs[s]
             if a < head:
                 stop, status = i, COLD
                 break

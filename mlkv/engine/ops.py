@@ -18,6 +18,7 @@ from ..errors import CorruptionError
 from . import _batch_kernels as BK
 from . import _checksum_kernels as CK
 from . import _log_kernels as K
+from . import _rule_kernels as RK
 from . import _update_kernels as UK
 from .device import FileDevice
 from .index import HashIndex
@@ -258,17 +259,19 @@ def coalesce(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_state_dim: int,
            hyper: np.ndarray, init, unique: bool = False) -> int:
     """Apply an update rule to the rows of ``keys`` (see :mod:`._update_kernels`); returns
-    how many rows were updated.
+    how many keys it was given (repeats included, as ``gets`` counts them).
 
     0. Repeated keys are found (unless the caller says the keys are ``unique``); their
-       gradients are summed inside the kernel, as torch coalesces a sparse gradient.
+       gradients are summed inside the kernel, as torch coalesces a sparse gradient. A rule
+       linear in the gradient (sgd) needs no sum: the kernel applies every row in turn.
     1. The rows are brought into the mutable region (the lookahead path) and absent keys
        created with ``init = (kind, scale, seed)``, a share of the buffer pool at a time.
     2. One kernel pass applies the rule in place. A row evicted in between (a batch larger
        than the pool) sends the loop back to step 1 from there.
     """
+    given = keys.shape[0]
     order = offsets = np.empty(0, dtype=np.int64)
-    if not unique:
+    if not unique and rule not in RK.LINEAR_RULES:
         keys, inverse = BK.unique_inverse(keys)
         if keys.shape[0] < inverse.shape[0]:
             order, offsets = BK.group_positions(inverse, keys.shape[0])
@@ -292,4 +295,4 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
             lookahead(eng, ahead)
         pos, status = run(pos)
     log.shift_read_only()
-    return keys.shape[0]
+    return given

@@ -42,10 +42,10 @@ class StoreRows(torch.autograd.Function):
 
 
 class Lookup(torch.autograd.Function):
-    """The rows of a batch (``F.embedding`` without padding or norms), read straight from the
-    store into the output. Backward hands the gradient, a row per position, to the store's
-    fused update; or, when it must be kept or a padding row dropped, the gradient summed per
-    distinct id to ``module._receive_grad``.
+    """The rows of a batch (``F.embedding`` without norms), read straight from the store into
+    the output. Backward hands the gradient, a row per position (padding positions left out),
+    to the store's fused update; or, when it must be kept, the gradient summed per distinct id
+    to ``module._receive_grad``.
 
     The gradient's sum over repeated ids runs in Numba kernels (the store's update, or
     :mod:`mlkv.engine._batch_kernels`), several times cheaper than ``index_add_`` on the CPU
@@ -62,12 +62,16 @@ class Lookup(torch.autograd.Function):
         grad_out = grad_out.detach().to("cpu").reshape(-1, grad_out.shape[-1])
         grads = np.ascontiguousarray(grad_out.numpy())
         module, flat, pad = ctx.module, ctx.flat, ctx.module.padding_idx
-        padded = pad is not None and bool((flat == pad).any())
-        if module.fused and module._update_sink is None and not padded:
-            # applied right here: the store sums repeated ids inside its update kernel
+        if module.fused and module._update_sink is None:
+            # applied right here, padding positions left out: the store sums repeated ids
+            # inside its update kernel (sgd adds them in turn, as torch's SGD does)
+            if pad is not None:
+                keep = flat != pad
+                if not keep.all():
+                    flat, grads = flat[keep], grads[keep]
             module._receive_position_grads(flat, grads)
             return None, None, None, None
-        # kept for later (or a padding row to drop): summed per distinct id first
+        # kept for later: summed per distinct id first
         unique_ids, inverse = unique_inverse(flat)
         summed = np.empty((unique_ids.shape[0], grads.shape[1]), dtype=grads.dtype)
         sum_rows_first_seen(grads, inverse, summed)
@@ -141,3 +145,29 @@ def check_ids(ids, what: str = "ids") -> None:
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{what} must be a LongTensor or IntTensor (int64 or int32), got "
                         f"dtype {ids.dtype}")
+
+
+def check_bag_input(input, offsets, per_sample_weights, mode: str) -> None:
+    """Refuse the arguments ``nn.EmbeddingBag.forward`` refuses, naming the problem."""
+    check_ids(input, "input")
+    if input.dim() == 2:
+        if offsets is not None:
+            raise ValueError("offsets must be None when input is 2-D (each row of input "
+                             "is a bag)")
+    elif input.dim() == 1:
+        if offsets is None:
+            raise ValueError("offsets must be a 1-D tensor of bag starts when input is "
+                             "1-D, got None")
+        check_ids(offsets, "offsets")
+        if offsets.dim() != 1:
+            raise ValueError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
+    else:
+        raise ValueError(f"input must be 1-D (with offsets) or 2-D, got shape "
+                         f"{tuple(input.shape)}")
+    if per_sample_weights is not None:
+        if mode != "sum":
+            raise NotImplementedError(f"per_sample_weights is only supported with "
+                                      f"mode='sum' (as in torch), got mode={mode!r}")
+        if per_sample_weights.shape != input.shape:
+            raise ValueError(f"per_sample_weights must have input's shape "
+                             f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}")

@@ -82,7 +82,7 @@ from mlkv.engine._rule_kernels import H_STEP, hyper_vector
 from mlkv.engine.ops import coalesce
 
 from . import _state
-from ._autograd import check_ids, lookup, lookup_table
+from ._autograd import check_bag_input, check_ids, lookup, lookup_table
 
 _CHUNK = 1 << 16          # rows per store call in to_dense / from_dense
 
@@ -368,29 +368,13 @@ class KVEmbeddingBag(KVEmbedding):
         start at ``offsets`` (1-D). ``per_sample_weights`` (input's shape) scales each row
         of a ``sum``.
         """
-        check_ids(input, "input")
-        if input.dim() == 2:
-            if offsets is not None:
-                raise ValueError("offsets must be None when input is 2-D (each row of input "
-                                 "is a bag)")
-        elif input.dim() == 1:
-            if offsets is None:
-                raise ValueError("offsets must be a 1-D tensor of bag starts when input is "
-                                 "1-D, got None")
-            check_ids(offsets, "offsets")
-            if offsets.dim() != 1:
-                raise ValueError(f"offsets must be 1-D, got shape {tuple(offsets.shape)}")
-        else:
-            raise ValueError(f"input must be 1-D (with offsets) or 2-D, got shape "
-                             f"{tuple(input.shape)}")
-        if per_sample_weights is not None:
-            if self.mode != "sum":
-                raise NotImplementedError(f"per_sample_weights is only supported with "
-                                          f"mode='sum' (as in torch), got mode={self.mode!r}")
-            if per_sample_weights.shape != input.shape:
-                raise ValueError(f"per_sample_weights must have input's shape "
-                                 f"{tuple(input.shape)}, got {tuple(per_sample_weights.shape)}")
+        check_bag_input(input, offsets, per_sample_weights, self.mode)
         table, inverse, local_pad = lookup_table(self, input)
+        if self.padding_idx is not None and local_pad is None:
+            # torch's bag kernel sums in another order (fused multiply-adds) when it has no
+            # padding_idx: give it an unused zero row as one, so the numbers stay nn.EmbeddingBag's
+            local_pad = table.shape[0]
+            table = torch.cat([table, table.new_zeros(1, self.dim)])
         if offsets is not None:
             offsets = offsets.to(device=inverse.device, dtype=torch.int64)
         return F.embedding_bag(inverse, table, offsets, mode=self.mode,
