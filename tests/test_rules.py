@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mlkv.engine import _rule_kernels as RK
+from mlkv.engine import ops
 from mlkv.engine._rule_kernels import apply, hyper_vector, state_dim
 
 # torch.optim.Adagrad builds sparse tensors without invariant checks and warns about it
@@ -341,4 +342,65 @@ def test_store_update_applies_sgd_rows_one_by_one_in_position_order(tmp_path):
             apply("sgd", row, no_state, weights[i:i + 1], hyper)
             table[key] = row[0]
     np.testing.assert_array_equal(store.get(np.arange(n_keys)), table)
+    store.close()
+
+
+@pytest.mark.parametrize("between", ["nothing", "delete", "put", "compact", "other update"])
+def test_update_after_a_read_of_the_same_keys(tmp_path, between):
+    """A training step reads its keys, then updates them: the update may take the read's
+    addresses instead of probing the index, but never once a row may have moved or gone.
+    Checked against a dict model, with each kind of operation run in between."""
+    import mlkv
+    rng = np.random.default_rng(5)
+    dim, n_keys = 8, 2000
+    store = mlkv.open(tmp_path / "s", dim=dim, state_dim=state_dim("adagrad", dim), page_bits=12,
+                      memory_bytes=16 << 12, segment_bits=14, init="zeros",
+                      auto_compact=None)
+    model = {k: v for k, v in enumerate(rng.standard_normal((n_keys, dim)).astype(np.float32))}
+    state = {k: np.zeros(dim, np.float32) for k in model}
+    store.put(np.arange(n_keys), np.stack([model[k] for k in range(n_keys)]))
+    for step in range(1, 6):
+        ids = rng.integers(0, n_keys + 50, 600)            # some ids new: created by the read
+        np.testing.assert_array_equal(
+            store.get_or_init(ids), np.stack([model.get(k, np.zeros(dim, np.float32))
+                                              for k in ids.tolist()]))
+        for k in ids.tolist():
+            model.setdefault(k, np.zeros(dim, np.float32))
+            state.setdefault(k, np.zeros(dim, np.float32))
+        if between == "delete":
+            gone = ids[:100]
+            store.delete(gone)
+            for k in gone.tolist():       # an update recreates a deleted row from init
+                model[k], state[k] = np.zeros(dim, np.float32), np.zeros(dim, np.float32)
+        elif between == "put":
+            fresh = rng.standard_normal((100, dim)).astype(np.float32)
+            store.put(ids[:100], fresh)
+            for k, row in zip(ids[:100].tolist(), fresh):
+                model[k], state[k] = row, np.zeros(dim, np.float32)
+        elif between == "compact":
+            assert store.compact()["rows_moved"] > 0
+        elif between == "other update":          # moves rows to the tail, as a pipeline does
+            other = rng.integers(0, n_keys, 300)
+            g = rng.standard_normal((300, dim)).astype(np.float32)
+            sgd = hyper_vector("sgd", lr=0.1)
+            store.update(other, g, "sgd", sgd)
+            for k, row in zip(other.tolist(), g):         # one position at a time, as sgd
+                r = model[k][None].copy()
+                apply("sgd", r, np.zeros((1, 0), np.float32), row[None], sgd)
+                model[k] = r[0]
+        grads = rng.standard_normal((ids.shape[0], dim)).astype(np.float32)
+        hyper = hyper_vector("adagrad", lr=0.1, step=step)
+        # the hints are offered exactly when nothing that moves rows ran in between
+        hinted = ops._read_addresses(store.engine, ids).shape[0] > 0
+        assert hinted == (between in ("nothing", "other update"))
+        store.update(ids, grads, "adagrad", hyper)
+        unique, summed = coalesce(ids, grads)
+        rows = np.stack([model[k] for k in unique.tolist()])
+        rule_state = np.stack([state[k] for k in unique.tolist()])
+        apply("adagrad", rows, rule_state, summed, hyper)
+        for i, k in enumerate(unique.tolist()):
+            model[k], state[k] = rows[i], rule_state[i]
+    keys = np.array(sorted(model), dtype=np.int64)
+    np.testing.assert_allclose(store.get(keys), np.stack([model[k] for k in keys.tolist()]),
+                               rtol=1e-6, atol=1e-6)
     store.close()

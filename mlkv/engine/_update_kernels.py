@@ -10,6 +10,7 @@ from .._jit import inline_kernel, kernel
 from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
                            G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, PREFETCH_DISTANCE,
                            _frame_word, _prefetch_span, allocate, find_slots, move_record)
+from ._index_kernels import find_slot
 from ._rule_kernels import RULES, apply_rule
 
 #: why :func:`update_rows` stopped before the end of the batch
@@ -26,12 +27,60 @@ def _sum_positions(grads, order, first, stop, summed):
             summed[j] += row[j]
 
 
+@inline_kernel
+def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, offsets, hints,
+                 start):
+    """Find the record of every key of ``keys[start:]`` in the mutable region, copying it
+    there first if it sits in memory below ``read_only``. Returns ``(at, stop, status)``:
+    each record's first word in the flat frames, and where and why the search stopped (see
+    ``update_rows``).
+
+    Without ``hints`` the index is probed for every key, a few keys ahead. With them (each
+    position's address as found by a read just before, no insert, delete or upsert since:
+    see :func:`mlkv.engine.ops.update`), a hinted address at or above ``read_only`` is the
+    key's live record: records there never move, and ``read_only`` only rises, so it was
+    there all along. Only a key whose hint fell below ``read_only`` is looked up.
+    """
+    head = marks[M_HEAD]
+    read_only = marks[M_READ_ONLY]
+    n = keys.shape[0]
+    hinted = hints.shape[0] > 0
+    grouped = offsets.shape[0] > 0
+    addrs = np.empty(0 if hinted else n, dtype=np.int64)
+    # No key is inserted here, so the slots found up front stay valid. A repeat of a key
+    # moved to the tail earlier in this call has moved: addresses below read_only are read
+    # again from the index.
+    slots = addrs if hinted else find_slots(slot_keys, slot_addrs, keys, start, addrs)
+    at = np.empty(n - start, dtype=np.int64)
+    for i in range(start, n):
+        if hinted:
+            a = hints[order[offsets[i]]] if grouped else hints[i]
+        else:
+            a = addrs[i]
+        if a < read_only:
+            s = find_slot(slot_keys, slot_addrs, keys[i]) if hinted else slots[i - start]
+            if s < 0:
+                return at, i, MISSING
+            a = slot_addrs[s]
+            if a < head:
+                return at, i, COLD
+            if a < read_only:
+                new = allocate(words, dirty, geo, marks)
+                if new < 0:
+                    return at, i, NO_FRAME
+                a = move_record(words, geo, slot_addrs, s, a, new)
+        f, w = _frame_word(geo, a)
+        dirty[f] = 1
+        at[i - start] = f * words.shape[1] + w
+    return at, n, DONE
+
+
 def _update_rows_for(rule):
     """The kernel below with update rule ``rule`` fixed when it compiles (see UPDATE_ROWS)."""
 
     @kernel
     def update_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys, grads,
-                    order, offsets, rule_state_dim, hyper, start):
+                    order, offsets, hints, rule_state_dim, hyper, start):
         """Apply the update rule to the rows of ``keys[start:]`` with ``grads``.
 
         ``offsets`` empty: ``grads[i]`` is a gradient of ``keys[i]``, and a key that repeats
@@ -45,56 +94,27 @@ def _update_rows_for(rule):
 
         A row in the mutable region (at or above ``read_only``) is updated in place; a row in
         memory below it is first copied to the tail (the checkpoint's copy stays untouched).
-        Returns ``(position, status)``: ``DONE`` at the end; ``NO_FRAME`` when the tail needs a
-        page with no free frame; ``COLD`` when ``keys[position]``'s row is on disk only, and
-        ``MISSING`` when it is absent: the caller brings the row in or creates it, and resumes.
+        ``hints``: empty, or each position's address as a read just found it (see
+        :func:`_locate_rows`). Returns ``(position, status)``: ``DONE`` at the end;
+        ``NO_FRAME`` when the tail needs a page with no free frame; ``COLD`` when
+        ``keys[position]``'s row is on disk only, and ``MISSING`` when it is absent: the
+        caller brings the row in or creates it, and resumes.
         """
         dim = geo[G_DIM]
         value_base = geo[G_VALUE_BASE]
         values_per_word = geo[G_VALUES_PER_WORD]
         state_base = geo[G_STATE_BASE]
-        head = marks[M_HEAD]
-        read_only = marks[M_READ_ONLY]
-        n = keys.shape[0]
-        # No key is inserted here, so the slots found up front (prefetching index lines
-        # ahead) stay valid. So do addresses at or above read_only (nothing there moves);
-        # below it, a repeat of a key moved to the tail earlier in this call has moved, so
-        # those are read again from the index.
-        addrs = np.empty(n, dtype=np.int64)
-        slots = find_slots(slot_keys, slot_addrs, keys, start, addrs)
-        # Two loops, as in read_resident: find (and move) every row, then update them with
-        # their lines prefetched a few rows ahead. ``at``: each record's first word in the
-        # flat frames (slots reused).
-        at = slots
-        stop, status = n, DONE
-        for i in range(start, n):
-            s = slots[i - start]
-            if s < 0:
-                stop, status = i, MISSING
-                break
-            a = addrs[i]
-            if a < read_only:
-                a = slot_addrs[s]
-            if a < head:
-                stop, status = i, COLD
-                break
-            if a < read_only:
-                new = allocate(words, dirty, geo, marks)
-                if new < 0:
-                    stop, status = i, NO_FRAME
-                    break
-                a = move_record(words, geo, slot_addrs, s, a, new)
-            f, w = _frame_word(geo, a)
-            dirty[f] = 1
-            at[i - start] = f * words.shape[1] + w
+        at, stop, status = _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys,
+                                        order, offsets, hints, start)
         flat_words = words.reshape(words.size)
         flat_vals = vals.reshape(vals.size)
         flat_state = f32.reshape(f32.size)
         record_words = geo[G_RECORD_WORDS]
         grouped = offsets.shape[0] > 0
         summed = np.empty(dim, dtype=grads.dtype)
-        for k in range(stop - start):
-            if k + PREFETCH_DISTANCE < stop - start:
+        n = stop - start
+        for k in range(n):
+            if k + PREFETCH_DISTANCE < n:
                 _prefetch_span(flat_words, at[k + PREFETCH_DISTANCE], record_words, True)
             v0 = at[k] * values_per_word + value_base
             s0 = at[k] * 2 + state_base

@@ -53,6 +53,7 @@ def compact(directory: str, eng: ops.Engine, progress: bool | None = None,
     if cut <= log.begin:
         return {"rows_moved": 0, "bytes_freed": 0, "checkpoint_id": None}
     counts = dict(eng.counts)               # moving rows is not a read the user made
+    eng.epoch += 1                          # rows move (see ops.Engine.epoch)
     moved = 0
     # Copies to the tail change addresses but never move keys between slots, so the slots
     # can be scanned a chunk at a time while rows move.

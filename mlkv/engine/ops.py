@@ -38,6 +38,12 @@ class Engine:
     device: FileDevice
     policy: CachePolicy
     counts: dict = dataclasses.field(default_factory=lambda: dict.fromkeys(("hits", "misses"), 0))
+    #: bumped by every operation after which a record at or above ``read_only`` may no longer
+    #: be its key's (upsert, delete, compaction); reads and updates never do that
+    epoch: int = 0
+    #: the last :func:`read_or_init`'s ``(keys, addresses, epoch)``, for an update of the same
+    #: keys that follows (a training step): see :func:`update`
+    last_read: tuple | None = None
 
 
 def dead_fraction(eng: Engine) -> float:
@@ -181,6 +187,7 @@ def _check_records(eng: Engine, rec_words, addrs, keys) -> None:
 def upsert(eng: Engine, keys: np.ndarray, values: np.ndarray) -> None:
     """Write ``values`` for ``keys`` (optimizer state reset to zeros); the last repeat wins."""
     log, idx = eng.log, eng.index
+    eng.epoch += 1
     idx.reserve(keys.shape[0])
     values = values.view(kernel_dtype(values.dtype))
 
@@ -196,6 +203,7 @@ def upsert(eng: Engine, keys: np.ndarray, values: np.ndarray) -> None:
 def delete(eng: Engine, keys: np.ndarray) -> int:
     """Remove ``keys`` (absent ones are skipped); returns how many were removed."""
     log, idx = eng.log, eng.index
+    eng.epoch += 1
     removed = 0
 
     def remove(pos):
@@ -215,11 +223,13 @@ def read_or_init(eng: Engine, keys: np.ndarray, init) -> tuple[np.ndarray, int]:
     and how many were created. Reads first: in training nearly every row exists."""
     out, addrs = read(eng, keys)
     missing = addrs < 0
-    if not missing.any():
-        return out, 0
-    absent = keys[missing]
-    created = create_missing(eng, absent, *init)
-    out[missing] = read(eng, absent)[0]
+    created = 0
+    if missing.any():
+        absent = keys[missing]
+        created = create_missing(eng, absent, *init)
+        out[missing], addrs[missing] = read(eng, absent)
+    # a copy: the caller may change its array before the update that follows
+    eng.last_read = (keys.copy(), addrs, eng.epoch)
     return out, created
 
 
@@ -268,8 +278,13 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
        created with ``init = (kind, scale, seed)``, a share of the buffer pool at a time.
     2. One kernel pass applies the rule in place. A row evicted in between (a batch larger
        than the pool) sends the loop back to step 1 from there.
+
+    When the same keys were just read by :func:`read_or_init` (a training step's forward)
+    and no upsert, delete or compaction came since, the kernel takes the read's addresses
+    as hints instead of probing the index again (see ``_update_kernels._locate_rows``).
     """
     given = keys.shape[0]
+    hints = _read_addresses(eng, keys)
     order = offsets = np.empty(0, dtype=np.int64)
     if not unique and rule not in RK.LINEAR_RULES:
         keys, inverse = BK.unique_inverse(keys)
@@ -280,10 +295,14 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
     # rows brought in per round: a quarter of the pool, so none is evicted before its update
     chunk = max(1, log.n_frames // 4 * eng.layout.records_per_page)
 
+    epoch = eng.epoch
+
     def run(pos):
+        # creating rows (upsert) on the way makes the hints unusable
         return update_rows(
             eng.index.slot_keys, eng.index.slot_addrs, log.words, log.vals, log.f32, log.dirty,
-            log.geo, log.marks, keys, grads, order, offsets, rule_state_dim, hyper, pos)
+            log.geo, log.marks, keys, grads, order, offsets,
+            hints if eng.epoch == epoch else NO_HINTS, rule_state_dim, hyper, pos)
 
     pos, status = run(0)          # training rows were just read: usually all in memory
     while status != UK.DONE:
@@ -296,3 +315,15 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
         pos, status = run(pos)
     log.shift_read_only()
     return given
+
+
+NO_HINTS = np.empty(0, dtype=np.int64)
+
+
+def _read_addresses(eng: Engine, keys: np.ndarray) -> np.ndarray:
+    """The addresses the last :func:`read_or_init` found for these same ``keys``, if nothing
+    since may have left a record there that is no longer its key's; else no hints."""
+    last = eng.last_read
+    if last is None or last[2] != eng.epoch or not np.array_equal(last[0], keys):
+        return NO_HINTS
+    return last[1]
