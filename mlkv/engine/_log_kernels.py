@@ -232,10 +232,12 @@ def _value_offset(vals, geo, address):
     return f * vals.shape[1] + w * geo[G_VALUES_PER_WORD] + geo[G_VALUE_BASE]
 
 
-@inline_kernel
+@kernel
 def _copy_rows_out(vals, src, out, start, stop):
     """``out[i] = `` the row whose values start at ``src[i - start]`` in ``vals``'s flat data,
-    for ``i`` in ``[start, stop)`` (skipping ``src`` -1), prefetching rows ahead."""
+    for ``i`` in ``[start, stop)`` (skipping ``src`` -1), prefetching rows ahead.
+
+    Compiled on its own, not inlined: inside the caller's loop body, the copy ran slower."""
     flat = vals.reshape(vals.size)
     dim = out.shape[1]
     m = stop - start

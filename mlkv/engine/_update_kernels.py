@@ -28,6 +28,19 @@ def _sum_positions(grads, order, first, stop, summed):
 
 
 @inline_kernel
+def _flat_views(words, vals, f32):
+    """The frames as flat int64, value and float32 state vectors (one view each per call)."""
+    return words.reshape(words.size), vals.reshape(vals.size), f32.reshape(f32.size)
+
+
+@inline_kernel
+def _row_starts(geo, at):
+    """Where the values and the state of the record whose first word is ``at`` start in the
+    flat value and state views."""
+    return at * geo[G_VALUES_PER_WORD] + geo[G_VALUE_BASE], at * 2 + geo[G_STATE_BASE]
+
+
+@inline_kernel
 def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, offsets, hints,
                  start):
     """Find the record of every key of ``keys[start:]`` in the mutable region, copying it
@@ -76,7 +89,47 @@ def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, o
 
 
 def _update_rows_for(rule):
-    """The kernel below with update rule ``rule`` fixed when it compiles (see UPDATE_ROWS)."""
+    """The kernel below with update rule ``rule`` fixed when it compiles (see UPDATE_ROWS).
+
+    Its two row loops (a gradient row per record, or the sum of several) are compiled apart,
+    each with the one inlined rule it runs: with both in one loop body, the sgd loop ran 1.6x
+    slower (154 µs against 96 µs for 4,096 rows in cache).
+    """
+
+    @kernel
+    def apply_each(words, vals, f32, geo, at, grads, rule_state_dim, hyper):
+        """The rule on the record whose first word is ``at[k]``, with gradient ``grads[k]``."""
+        flat_words, flat_vals, flat_state = _flat_views(words, vals, f32)
+        dim, record_words = geo[G_DIM], geo[G_RECORD_WORDS]
+        n = at.shape[0]
+        for k in range(n):
+            if k + PREFETCH_DISTANCE < n:
+                _prefetch_span(flat_words, at[k + PREFETCH_DISTANCE], record_words, True)
+            v0, s0 = _row_starts(geo, at[k])
+            apply_rule(rule, flat_vals[v0:v0 + dim], flat_state[s0:s0 + rule_state_dim],
+                       grads[k], hyper)
+
+    @kernel
+    def apply_summed(words, vals, f32, geo, at, grads, order, offsets, rule_state_dim, hyper):
+        """The rule on the record at ``at[k]``, with the sum of gradient rows
+        ``grads[order[offsets[k]:offsets[k + 1]]]`` (taken as it is when only one)."""
+        flat_words, flat_vals, flat_state = _flat_views(words, vals, f32)
+        dim, record_words = geo[G_DIM], geo[G_RECORD_WORDS]
+        summed = np.empty(dim, dtype=grads.dtype)
+        n = at.shape[0]
+        for k in range(n):
+            if k + PREFETCH_DISTANCE < n:
+                _prefetch_span(flat_words, at[k + PREFETCH_DISTANCE], record_words, True)
+            v0, s0 = _row_starts(geo, at[k])
+            values, state = flat_vals[v0:v0 + dim], flat_state[s0:s0 + rule_state_dim]
+            first, last = offsets[k], offsets[k + 1]
+            # one call per case, each with its own gradient array: a variable that is either
+            # array cost reference counting on every row (50 µs a batch of 4,096)
+            if last - first == 1:
+                apply_rule(rule, values, state, grads[order[first]], hyper)
+            else:
+                _sum_positions(grads, order, first, last, summed)
+                apply_rule(rule, values, state, summed, hyper)
 
     @kernel
     def update_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys, grads,
@@ -100,36 +153,14 @@ def _update_rows_for(rule):
         ``keys[position]``'s row is on disk only, and ``MISSING`` when it is absent: the
         caller brings the row in or creates it, and resumes.
         """
-        dim = geo[G_DIM]
-        value_base = geo[G_VALUE_BASE]
-        values_per_word = geo[G_VALUES_PER_WORD]
-        state_base = geo[G_STATE_BASE]
         at, stop, status = _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys,
                                         order, offsets, hints, start)
-        flat_words = words.reshape(words.size)
-        flat_vals = vals.reshape(vals.size)
-        flat_state = f32.reshape(f32.size)
-        record_words = geo[G_RECORD_WORDS]
-        grouped = offsets.shape[0] > 0
-        summed = np.empty(dim, dtype=grads.dtype)
-        n = stop - start
-        for k in range(n):
-            if k + PREFETCH_DISTANCE < n:
-                _prefetch_span(flat_words, at[k + PREFETCH_DISTANCE], record_words, True)
-            v0 = at[k] * values_per_word + value_base
-            s0 = at[k] * 2 + state_base
-            values, state = flat_vals[v0:v0 + dim], flat_state[s0:s0 + rule_state_dim]
-            # one call per case, each with its own gradient array: a variable that is either
-            # array cost reference counting on every row (50 µs a batch of 4,096)
-            if not grouped:
-                apply_rule(rule, values, state, grads[start + k], hyper)
-                continue
-            first, last = offsets[start + k], offsets[start + k + 1]
-            if last - first == 1:
-                apply_rule(rule, values, state, grads[order[first]], hyper)
-            else:
-                _sum_positions(grads, order, first, last, summed)
-                apply_rule(rule, values, state, summed, hyper)
+        if offsets.shape[0] == 0:
+            apply_each(words, vals, f32, geo, at[:stop - start], grads[start:stop],
+                       rule_state_dim, hyper)
+        else:
+            apply_summed(words, vals, f32, geo, at[:stop - start], grads, order,
+                         offsets[start:stop + 1], rule_state_dim, hyper)
         return stop, status
 
     return update_rows

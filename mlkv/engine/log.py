@@ -112,10 +112,12 @@ class HybridLog:
 
     def shift_read_only(self) -> None:
         """Keep the newest ``mutable_pages`` pages mutable; older ones become read-only."""
-        page_bits = self.layout.page_bits
-        newest = max(self._open_page(), self.head >> page_bits)
+        marks = self.marks.tolist()          # one call, not one per marker: runs every batch
+        page_bits, head = self.layout.page_bits, marks[K.M_HEAD]
+        newest = max(marks[K.M_OPEN_PAGE], head >> page_bits)
         boundary = max(0, newest - self.mutable_pages + 1) << page_bits
-        self.marks[K.M_READ_ONLY] = max(self.read_only, self.head, min(boundary, self.tail))
+        self.marks[K.M_READ_ONLY] = max(marks[K.M_READ_ONLY], head,
+                                        min(boundary, marks[K.M_TAIL]))
 
     # ---- eviction and flushing -------------------------------------------------------------
     def make_room(self) -> None:

@@ -228,18 +228,22 @@ class KVEmbedding(nn.Module):
             if not self.fused:
                 self._pending.append((unique_ids, g))
                 return
-            self._step += 1
-            step = self._step
+            step = self._count_step()
         self._dispatch(unique_ids, g, step)
 
     def _receive_position_grads(self, ids, grads):
         """Backward of a lookup, fused and applied at once: ``grads`` has a row per position
         of ``ids`` (flat; ids repeat), summed per id by the store's update."""
         with self._grad_lock:
-            self._step += 1
-            step = self._step
+            step = self._count_step()
         if ids.shape[0]:
             self.store.update(ids, grads, self.optimizer, self._hyper(step))
+
+    def _count_step(self) -> int:
+        # one more optimizer step (caller holds _grad_lock); set in __dict__ directly, as
+        # nn.Module's __setattr__ costs microseconds a step
+        self.__dict__["_step"] = step = self._step + 1
+        return step
 
     def _dispatch(self, unique_ids, grads, step):
         sink = self._update_sink
@@ -260,8 +264,7 @@ class KVEmbedding(nn.Module):
             pending, self._pending = self._pending, []
             if not pending:
                 return
-            self._step += 1
-            step = self._step
+            step = self._count_step()
         ids, grads = coalesce(np.concatenate([p[0] for p in pending]),
                               np.concatenate([p[1] for p in pending]))
         self._dispatch(ids, grads, step)

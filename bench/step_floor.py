@@ -1,0 +1,165 @@
+"""The least an SGD training step through a hash-indexed row store can cost here, beside torch's
+step and mlkv's (not a pytest benchmark).
+
+    python bench/step_floor.py [--batches 200] [--dist uniform]
+
+Issue 4 asks a KVEmbedding sgd step (batches of 4,096 ids, dim 64, 262,144 rows in memory,
+one torch thread) to run at 1.5x torch's speed. This script times, on the same batches, what
+any step of such a store must do at the least, each part alone and done as fast as this
+project knows how:
+
+- ``autograd``: a ``torch.autograd.Function`` that hands out a ready output and takes its
+  gradient, doing nothing else (what hooking into ``out.backward`` costs);
+- ``probe``: finding each id's address in mlkv's hash index (``find_slots``, prefetching);
+- ``records``: reading each row out of its record and then updating it in place, given the
+  addresses (mlkv's kernels' second loops alone: no index, no Python);
+- ``dense``: the same read and update on a plain dense array (256-byte rows instead of
+  272-byte records, rows found by arithmetic).
+
+``floor = autograd + probe + records`` is a step with nothing but the unavoidable parts, and
+is set against ``torch / 1.5``, the target. Prints µs per batch (mean of the second of two
+passes over the batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numba
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import BATCH, DIM, ZipfSampler  # noqa: E402
+
+from mlkv._jit import prefetch, prefetch_for_write  # noqa: E402
+from mlkv.engine import _log_kernels as K  # noqa: E402
+from mlkv.frameworks.torch import KVEmbedding  # noqa: E402
+
+ROWS = 1 << 18
+LR = 0.01
+AHEAD = K.PREFETCH_DISTANCE
+
+
+@numba.njit(nogil=True, boundscheck=False)
+def _read_then_update(flat, starts, out, grads, neg_lr):
+    """Rows at ``flat[starts[i]:starts[i] + dim]`` copied out, then updated (sgd), each pass
+    prefetching a few rows ahead, as mlkv's kernels do."""
+    n, dim = starts.shape[0], out.shape[1]
+    for i in range(n):
+        if i + AHEAD < n:
+            for k in range(starts[i + AHEAD], starts[i + AHEAD] + dim, 16):
+                prefetch(flat, k)
+        u = np.uint64(starts[i])
+        for j in range(dim):
+            out[i, j] = flat[u + np.uint64(j)]
+    for i in range(n):
+        if i + AHEAD < n:
+            for k in range(starts[i + AHEAD], starts[i + AHEAD] + dim, 16):
+                prefetch_for_write(flat, k)
+        u = np.uint64(starts[i])
+        for j in range(dim):
+            flat[u + np.uint64(j)] += neg_lr * grads[i, j]
+
+
+@numba.njit(nogil=True)
+def _value_starts(vals, geo, addrs, starts):
+    for i in range(addrs.shape[0]):
+        starts[i] = K._value_offset(vals, geo, addrs[i])
+
+
+class _Handoff(torch.autograd.Function):
+    """Output out, gradient in, nothing done: the cost of being on autograd's tape."""
+
+    @staticmethod
+    def forward(ctx, anchor, out):
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad.detach().numpy()
+        return None, None
+
+
+def per_batch_us(fn, items) -> float:
+    """Mean µs of ``fn(item)`` over ``items`` (the second of two passes)."""
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for item in items:
+            fn(item)
+        elapsed = time.perf_counter() - t0
+    return elapsed / len(items) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--dist", default="uniform", choices=("uniform", "zipf"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    if args.dist == "uniform":
+        batches = [rng.integers(0, ROWS, BATCH) for _ in range(args.batches)]
+    else:
+        sampler = ZipfSampler(ROWS, seed=0)
+        batches = [sampler(BATCH) for _ in range(args.batches)]
+    ids = [torch.from_numpy(b) for b in batches]
+    weight = torch.rand(ROWS, DIM, generator=torch.Generator().manual_seed(1)) * 0.2 - 0.1
+    w = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(3))
+    grads, neg_lr = w.numpy(), np.float32(-LR)
+    out = np.empty((BATCH, DIM), dtype=np.float32)
+    parts = {}
+
+    table = torch.nn.Embedding(ROWS, DIM, sparse=True)
+    with torch.no_grad():
+        table.weight.copy_(weight)
+    opt = torch.optim.SGD(table.parameters(), lr=LR)
+
+    def torch_step(i):
+        table(i).backward(w)
+        opt.step()
+        opt.zero_grad()
+
+    parts["torch step"] = per_batch_us(torch_step, ids)
+    out_t = torch.from_numpy(out)
+    parts["autograd"] = per_batch_us(
+        lambda i: _Handoff.apply(torch.empty(0, requires_grad=True), out_t).backward(w), ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        emb = KVEmbedding(DIM, path=os.path.join(tmp, "emb"), optimizer="sgd", lr=LR,
+                          memory_bytes=ROWS * 1024, page_bits=20)
+        emb.from_dense(weight)
+        idx, log = emb.store.engine.index, emb.store.engine.log
+        addrs = np.empty(BATCH, dtype=np.int64)
+        parts["probe"] = per_batch_us(
+            lambda b: K.find_slots(idx.slot_keys, idx.slot_addrs, b, 0, addrs), batches)
+        starts = []
+        for b in batches:
+            K.find_slots(idx.slot_keys, idx.slot_addrs, b, 0, addrs)
+            s = np.empty(BATCH, dtype=np.int64)
+            _value_starts(log.vals, log.geo, addrs, s)
+            starts.append(s)
+        flat = log.vals.reshape(-1)
+        parts["records"] = per_batch_us(
+            lambda s: _read_then_update(flat, s, out, grads, neg_lr), starts)
+        parts["mlkv step"] = per_batch_us(lambda i: emb(i).backward(w), ids)
+        emb.close()
+    dense = weight.numpy().reshape(-1).copy()
+    parts["dense"] = per_batch_us(
+        lambda b: _read_then_update(dense, b * DIM, out, grads, neg_lr), batches)
+    floor = parts["autograd"] + parts["probe"] + parts["records"]
+    target = parts["torch step"] / 1.5
+    print(f"sgd, {args.dist} ids, batches of {BATCH}, dim {DIM}, {ROWS:,} rows in memory")
+    for name, us in parts.items():
+        print(f"{name:28s} {us:8.0f} µs")
+    print(f"{'floor (autograd+probe+records)':28s} {floor:8.0f} µs")
+    print(f"{'target: torch step / 1.5':28s} {target:8.0f} µs")
+    print(f"floor / target {floor / target:.2f}; mlkv step / floor {parts['mlkv step'] / floor:.2f}")
+
+
+if __name__ == "__main__":
+    main()
