@@ -617,3 +617,15 @@ def test_uses_f_embedding_numbers(make):
     (emb(ids) ** 3).sum().backward()
     # sgd adds a repeated id's rows in turn, not their sum first: equal to float rounding
     torch.testing.assert_close(emb.to_dense(10), weight - ref_w.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_the_shared_autograd_anchor_never_gets_a_gradient(make):
+    """Every lookup hands one shared empty leaf to its autograd node; no backward (fused,
+    deferred, bag) may give it a gradient, or it would grow and leak between modules."""
+    from mlkv.frameworks.torch._autograd import _ANCHOR
+    emb, bag = make(name="a"), make(KVEmbeddingBag, name="b", mode="sum", fused=False)
+    for _ in range(3):
+        (emb(torch.tensor([[1, 2], [2, 3]])).sum() + bag(torch.tensor([[1, 5]])).sum()).backward()
+        bag.step()
+    assert _ANCHOR.grad is None and _ANCHOR.shape == (0,)
+    assert list(emb.parameters()) == [] and list(bag.parameters()) == []
