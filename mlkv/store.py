@@ -230,9 +230,8 @@ class Store:
     def lookahead(self, keys) -> None:
         """Hint: bring the rows of ``keys`` into memory (the mutable region) ahead of use.
 
-        Absent keys are ignored; nothing is returned. On a read-only store it does nothing.
-        Its disk reads run without the store's lock, so a training thread's reads and
-        updates go on meanwhile; a row written or moved in between is left as it is.
+        Absent keys are ignored; a read-only store does nothing. The disk reads run without the
+        store's lock: reads and updates go on meanwhile (a row moved in between is left be).
         """
         keys = inputs.as_keys(keys)
         with self._op():
