@@ -446,6 +446,17 @@ def rmtree(path):
 # ---------------------------------------------------------------------------------------------
 # recording
 
+def per_batch_us(fn, items) -> float:
+    """Mean µs of ``fn(item)`` over ``items`` (the second of two passes: the first warms up),
+    for the scripts that time a step's parts (not the pytest benchmarks)."""
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for item in items:
+            fn(item)
+        elapsed = time.perf_counter() - t0
+    return elapsed / len(items) * 1e6
+
+
 class CpuClock:
     """CPU seconds of the calling thread per round, kept beside pytest-benchmark's wall times.
 

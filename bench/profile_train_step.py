@@ -18,30 +18,19 @@ import os
 import resource
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import BATCH, DIM, ZipfSampler  # noqa: E402
+from benchlib import BATCH, DIM, key_batches, per_batch_us  # noqa: E402
 
 from mlkv.frameworks.torch import KVEmbedding  # noqa: E402
 from mlkv.engine._batch_kernels import unique_inverse  # noqa: E402
 
 ROWS = 1 << 18
 LR = 0.01
-
-
-def per_batch_us(fn, items) -> float:
-    """Mean µs of ``fn(item)`` over ``items`` (the second of two passes)."""
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for item in items:
-            fn(item)
-        elapsed = time.perf_counter() - t0
-    return elapsed / len(items) * 1e6
 
 
 def main() -> None:
@@ -51,12 +40,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    if args.dist == "uniform":
-        batches = [rng.integers(0, ROWS, BATCH) for _ in range(args.batches)]
-    else:
-        sampler = ZipfSampler(ROWS, seed=0)
-        batches = [sampler(BATCH) for _ in range(args.batches)]
+    batches = key_batches(args.dist, ROWS, args.batches)
     weight = torch.rand(ROWS, DIM, generator=torch.Generator().manual_seed(1)) * 0.2 - 0.1
     w = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(3))
     ids = [torch.from_numpy(b) for b in batches]

@@ -27,7 +27,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numba
 import numpy as np
@@ -35,9 +34,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchlib import BATCH, DIM, ZipfSampler  # noqa: E402
+from benchlib import BATCH, DIM, key_batches, per_batch_us  # noqa: E402
 
-from mlkv._jit import prefetch, prefetch_for_write  # noqa: E402
 from mlkv.engine import _log_kernels as K  # noqa: E402
 from mlkv.frameworks.torch import KVEmbedding  # noqa: E402
 
@@ -49,19 +47,17 @@ AHEAD = K.PREFETCH_DISTANCE
 @numba.njit(nogil=True, boundscheck=False)
 def _read_then_update(flat, starts, out, grads, neg_lr):
     """Rows at ``flat[starts[i]:starts[i] + dim]`` copied out, then updated (sgd), each pass
-    prefetching a few rows ahead, as mlkv's kernels do."""
+    prefetching a few rows ahead with mlkv's kernels' own helper."""
     n, dim = starts.shape[0], out.shape[1]
     for i in range(n):
         if i + AHEAD < n:
-            for k in range(starts[i + AHEAD], starts[i + AHEAD] + dim, 16):
-                prefetch(flat, k)
+            K._prefetch_span(flat, starts[i + AHEAD], dim, False)
         u = np.uint64(starts[i])
         for j in range(dim):
             out[i, j] = flat[u + np.uint64(j)]
     for i in range(n):
         if i + AHEAD < n:
-            for k in range(starts[i + AHEAD], starts[i + AHEAD] + dim, 16):
-                prefetch_for_write(flat, k)
+            K._prefetch_span(flat, starts[i + AHEAD], dim, True)
         u = np.uint64(starts[i])
         for j in range(dim):
             flat[u + np.uint64(j)] += neg_lr * grads[i, j]
@@ -86,28 +82,13 @@ class _Handoff(torch.autograd.Function):
         return None, None
 
 
-def per_batch_us(fn, items) -> float:
-    """Mean µs of ``fn(item)`` over ``items`` (the second of two passes)."""
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for item in items:
-            fn(item)
-        elapsed = time.perf_counter() - t0
-    return elapsed / len(items) * 1e6
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--dist", default="uniform", choices=("uniform", "zipf"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rng = np.random.default_rng(0)
-    if args.dist == "uniform":
-        batches = [rng.integers(0, ROWS, BATCH) for _ in range(args.batches)]
-    else:
-        sampler = ZipfSampler(ROWS, seed=0)
-        batches = [sampler(BATCH) for _ in range(args.batches)]
+    batches = key_batches(args.dist, ROWS, args.batches)
     ids = [torch.from_numpy(b) for b in batches]
     weight = torch.rand(ROWS, DIM, generator=torch.Generator().manual_seed(1)) * 0.2 - 0.1
     w = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(3))
