@@ -629,3 +629,30 @@ def test_the_shared_autograd_anchor_never_gets_a_gradient(make):
         bag.step()
     assert _ANCHOR.grad is None and _ANCHOR.shape == (0,)
     assert list(emb.parameters()) == [] and list(bag.parameters()) == []
+
+
+def test_bag_with_padding_matches_torch_whether_or_not_the_batch_holds_the_padding_id(make):
+    """The bag always hands torch a padding row (torch's kernel sums in another order without
+    one); a read-only store that lacks the padding row still serves bags without it."""
+    bag = make(KVEmbeddingBag, name="b", mode="sum", padding_idx=0)
+    weight = torch.randn(6, DIM)
+    bag.from_dense(weight)
+    ref = nn.EmbeddingBag(6, DIM, mode="sum", padding_idx=0)
+    with torch.no_grad():
+        ref.weight.copy_(weight)
+    psw = torch.rand(2, 3) + 0.5
+    for ids in (torch.tensor([[1, 2, 3], [4, 5, 1]]), torch.tensor([[1, 0, 3], [4, 5, 0]])):
+        with torch.no_grad():
+            assert torch.equal(bag(ids, per_sample_weights=psw), ref(ids, per_sample_weights=psw))
+    # a store written by a KVEmbedding that never saw the padding id, opened read-only
+    emb = make(name="e", padding_idx=0)
+    emb(torch.tensor([1, 2])).sum().backward()
+    path = emb.store.path
+    emb.close()
+    store = mlkv.open(path, readonly=True)
+    assert 0 not in store
+    ro_bag = KVEmbeddingBag(DIM, store=store, mode="sum", padding_idx=0)
+    with torch.no_grad():
+        got = ro_bag(torch.tensor([[1, 2]]))
+    np.testing.assert_allclose(got.numpy()[0], store.get([1, 2]).sum(0), rtol=1e-6)
+    store.close()

@@ -105,14 +105,21 @@ def lookup(module, ids: torch.Tensor) -> torch.Tensor:
 def lookup_table(module, ids: torch.Tensor):
     """Read the rows of ``ids``'s unique values through ``module``.
 
-    Returns ``(W, inverse, local_pad)``: ``W`` the ``[n_unique, dim]`` rows on ``ids.device``
-    (requiring grad when grad mode is on), ``inverse`` the positions of ``ids`` in ``W`` with
-    ``ids``'s shape and device, ``local_pad`` the row of ``module.padding_idx`` in ``W`` (or
-    None when that id is not in the batch).
+    Returns ``(W, inverse, local_pad)``: ``W`` the rows on ``ids.device`` (requiring grad
+    when grad mode is on), ``inverse`` the positions of ``ids`` in ``W`` with ``ids``'s shape
+    and device, ``local_pad`` the row of ``module.padding_idx`` in ``W`` (None without one).
+    The padding id is a row of ``W`` even when no position looks it up: torch's bag kernel
+    sums in another order (fused multiply-adds) when it is given no ``padding_idx``, so the
+    numbers stay ``nn.EmbeddingBag``'s. (Not on a read-only store without that row: it can
+    neither create nor read it, and sums differ from torch's by float rounding there.)
     """
     unique_ids, inverse = distinct(ids)
+    pad, store = module.padding_idx, module.store
+    local_pad = position_of(unique_ids, pad)
+    if pad is not None and local_pad is None and (not store.readonly or pad in store):
+        local_pad = unique_ids.shape[0]
+        unique_ids = np.append(unique_ids, np.int64(pad))
     rows = module._read_rows(unique_ids, unique_ids)
-    local_pad = position_of(unique_ids, module.padding_idx)
     if torch.is_grad_enabled():
         table = StoreRows.apply(_ANCHOR, module, unique_ids, rows, local_pad)
     else:

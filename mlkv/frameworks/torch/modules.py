@@ -373,11 +373,6 @@ class KVEmbeddingBag(KVEmbedding):
         """
         check_bag_input(input, offsets, per_sample_weights, self.mode)
         table, inverse, local_pad = lookup_table(self, input)
-        if self.padding_idx is not None and local_pad is None:
-            # torch's bag kernel sums in another order (fused multiply-adds) when it has no
-            # padding_idx: give it an unused zero row as one, so the numbers stay nn.EmbeddingBag's
-            local_pad = table.shape[0]
-            table = torch.cat([table, table.new_zeros(1, self.dim)])
         if offsets is not None:
             offsets = offsets.to(device=inverse.device, dtype=torch.int64)
         return F.embedding_bag(inverse, table, offsets, mode=self.mode,
