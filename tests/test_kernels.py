@@ -257,7 +257,7 @@ def test_find_slots_against_reference(start):
         ref.put(k, (i + 1) * 8)
     keys = np.array(pool + present + rng.integers(I64_MIN, I64_MAX, 10, dtype=np.int64)
                     .tolist(), np.int64)
-    keys = keys[rng.permutation(keys.shape[0])]
+    keys = np.tile(keys, 2)[rng.permutation(2 * keys.shape[0])]   # repeats too
     assert keys.shape[0] > start + LK.PREFETCH_DISTANCE
     addrs = np.full(keys.shape[0], 12345, np.int64)
     slots = LK.find_slots(sk, sa, keys, start, addrs)

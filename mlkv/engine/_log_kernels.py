@@ -35,8 +35,12 @@ N_MARKS = 6
 
 
 POLICY_FIFO, POLICY_SECOND_CHANCE, POLICY_FREQUENCY = 0, 1, 2
-#: how many keys ahead the batched kernels prefetch index slots and records
-PREFETCH_DISTANCE = 8
+#: how many keys ahead the batched kernels prefetch index slots and records. A row's work is a
+#: few nanoseconds and a miss to DRAM costs 100 or more, so the prefetch must run dozens of rows
+#: ahead: copying 4,096 random rows of a 70 MB log out took 91 µs prefetching 8 ahead, 62 µs at
+#: 16 and 45 µs at 32 to 64 (the probe: 38 µs at 8, 33-34 µs from 16 on). With 8, a whole
+#: sgd training step ran 20% slower (2 vCPUs AMD EPYC; see bench/README.md, run 9).
+PREFETCH_DISTANCE = 32
 FREQUENCY_THRESHOLD = 2
 
 
