@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 
@@ -15,7 +14,8 @@ from .engine import verify as verification
 from .engine.device import FileDevice
 from .engine.layout import RecordLayout
 from .engine.policy import CachePolicy
-from .errors import ClosedStoreError, DeviceError, MlkvError, ReadOnlyError
+from ._operation import Operation
+from .errors import MlkvError
 
 _INIT_KINDS = {name: i for i, name in enumerate(config.INITS)}
 _MAX_NAMED_MISSING = 10
@@ -378,22 +378,10 @@ class Store:
                     "checkpoint_id": self.checkpoint_id, "content_id": self.content_id}
 
     # ---- helpers --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _op(self, write=False):
-        """Hold the store lock for one operation on an open (and, if ``write``, writable)
-        store. A device error stops the store: what is in memory may no longer match the
-        disk, so every later call fails until the store is reopened at its last checkpoint."""
-        with self._lock:
-            if self._closed:
-                raise ClosedStoreError(f"store at {self.path!r} is closed")
-            if self._failure is not None:
-                raise DeviceError(
-                    f"store at {self.path!r} stopped after a device error ({self._failure}); "
-                    f"close and reopen it to return to checkpoint {self.checkpoint_id}")
-            if write and self.readonly:
-                raise ReadOnlyError(f"store at {self.path!r} is open read-only")
-            try:
-                yield self._engine
-            except DeviceError as exc:
-                self._failure = exc
-                raise
+    def _op(self, write=False) -> Operation:
+        """``with self._op(write) as engine``: hold the store lock for one operation on an
+        open (and, if ``write``, writable) store. A device error stops the store: what is in
+        memory may no longer match the disk, so every later call fails until the store is
+        reopened at its last checkpoint."""
+        return Operation(self, write)
+

@@ -707,11 +707,12 @@ def call_delete(eng, keys, start=0):
                           log.marks, keys, start)
 
 
-def call_read_resident(eng, keys, start, want, out, addrs, cold_pos, n_cold, policy):
+def call_read_resident(eng, keys, start, want, out, addrs, cold_pos, n_cold, policy,
+                       n_absent=0):
     idx, log = eng.index, eng.log
     return LK.read_resident(idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.dirty,
                             log.geo, log.marks, keys, start, want, out, addrs, cold_pos,
-                            n_cold, policy, eng.policy.counters)
+                            n_cold, n_absent, policy, eng.policy.counters)
 
 
 def call_finish_cold(eng, keys, cold_pos, cold_addrs, rec, rec_index, start, want, out,
@@ -966,14 +967,16 @@ def run_read_resident(reg, keys, policy_code):
     addrs = np.full(n, -7, np.int64)
     cold_pos = np.full(n, -7, np.int64)
     stops = []
-    pos, n_cold = 0, 0
+    pos, n_cold, n_absent = 0, 0, 0
     while True:
-        pos, n_cold = call_read_resident(eng, keys, pos, True, out, addrs, cold_pos, n_cold,
-                                         policy_code)
+        pos, n_cold, n_absent = call_read_resident(eng, keys, pos, True, out, addrs, cold_pos,
+                                                   n_cold, policy_code, n_absent)
         if pos == n:
             break
         stops.append(pos)
         eng.log.marks[LK.M_LIMIT_PAGE] += 1  # a free frame appears (head unchanged)
+    # every absent key counted once, however often the pass stopped and resumed
+    assert n_absent == int(np.count_nonzero(addrs < 0))
     return out, addrs, cold_pos[:n_cold], stops
 
 
@@ -1027,13 +1030,15 @@ def test_read_resident_without_values_and_empty(tmp_path):
     out = np.empty((0, 5), np.float32)
     addrs = np.empty(keys.shape[0], np.int64)
     cold = np.empty(keys.shape[0], np.int64)
-    pos, n_cold = call_read_resident(eng, keys, 0, False, out, addrs, cold, 0, LK.POLICY_FIFO)
+    pos, n_cold, n_absent = call_read_resident(eng, keys, 0, False, out, addrs, cold, 0,
+                                               LK.POLICY_FIFO, 3)
     exp_addrs, exp_cold, _, _, _ = expected_read(reg, keys, lambda k: False)
     assert pos == keys.shape[0] and addrs.tolist() == exp_addrs
     assert cold[:n_cold].tolist() == exp_cold
+    assert exp_addrs.count(-1) > 0 and n_absent == 3 + exp_addrs.count(-1)
     e = np.empty(0, np.int64)
     assert call_read_resident(eng, e, 0, True, np.empty((0, 5), np.float32), e, e, 0,
-                              LK.POLICY_SECOND_CHANCE) == (0, 0)
+                              LK.POLICY_SECOND_CHANCE) == (0, 0, 0)
 
 
 def test_read_resident_stops_and_resumes_like_one_pass(tmp_path):

@@ -345,11 +345,14 @@ def test_store_update_applies_sgd_rows_one_by_one_in_position_order(tmp_path):
     store.close()
 
 
-@pytest.mark.parametrize("between", ["nothing", "delete", "put", "compact", "other update"])
+@pytest.mark.parametrize("between", ["nothing", "delete", "put", "compact", "other update",
+                                     "ids changed"])
 def test_update_after_a_read_of_the_same_keys(tmp_path, between):
     """A training step reads its keys, then updates them: the update may take the read's
-    addresses instead of probing the index, but never once a row may have moved or gone.
-    Checked against a dict model, with each kind of operation run in between."""
+    addresses instead of probing the index, but never once a row may have moved or gone, nor
+    for a position whose key is not the one read there ("ids changed": the caller changes a
+    third of its ids array in place between the read and the update). Checked against a dict
+    model, with each kind of operation run in between."""
     import mlkv
     rng = np.random.default_rng(5)
     dim, n_keys = 8, 2000
@@ -388,11 +391,13 @@ def test_update_after_a_read_of_the_same_keys(tmp_path, between):
                 r = model[k][None].copy()
                 apply("sgd", r, np.zeros((1, 0), np.float32), row[None], sgd)
                 model[k] = r[0]
+        elif between == "ids changed":
+            ids[::3] = rng.integers(0, n_keys, ids[::3].shape[0])
         grads = rng.standard_normal((ids.shape[0], dim)).astype(np.float32)
         hyper = hyper_vector("adagrad", lr=0.1, step=step)
         # the hints are offered exactly when nothing that moves rows ran in between
-        hinted = ops._read_addresses(store.engine, ids).shape[0] > 0
-        assert hinted == (between in ("nothing", "other update"))
+        hinted = ops._read_hints(store.engine, ids)[1].shape[0] > 0
+        assert hinted == (between in ("nothing", "other update", "ids changed"))
         store.update(ids, grads, "adagrad", hyper)
         unique, summed = coalesce(ids, grads)
         rows = np.stack([model[k] for k in unique.tolist()])

@@ -174,13 +174,14 @@ def _prefetch_record(flat_words, geo, head, address, for_write):
 
 @kernel
 def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, start,
-                  want_values, out, addrs_out, cold_pos, n_cold, policy, counters):
+                  want_values, out, addrs_out, cold_pos, n_cold, n_absent, policy, counters):
     """First pass of a read: serve rows in memory, list the rows on disk.
 
     For ``keys[start:]``: a missing key gets address -1; a row at or above ``head`` has its
     values copied into ``out`` (when ``want_values``), after being copied to the tail first
     if it sits below ``read_only`` and the policy admits it; a row below ``head`` is listed in
-    ``cold_pos`` for :func:`finish_cold`. Returns ``(position reached, n_cold)``.
+    ``cold_pos`` for :func:`finish_cold`. Returns ``(position reached, n_cold, n_absent)``:
+    ``n_cold`` and ``n_absent`` (keys with no row) are the counts passed in plus this call's.
 
     Two loops: the first finds every row (and moves those the policy admits), the second
     copies the values out, prefetching rows a few ahead. Finding and copying in one loop was
@@ -201,6 +202,7 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
         s = slots[i - start]
         src[i - start] = -1
         if s < 0:
+            n_absent += 1
             continue
         a = addrs_out[i]
         if a < read_only:
@@ -226,7 +228,7 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
         src[i - start] = _value_offset(vals, geo, a)
     if want_values:
         _copy_rows_out(vals, src, out, start, stop)
-    return stop, n_cold
+    return stop, n_cold, n_absent
 
 
 @inline_kernel

@@ -41,18 +41,19 @@ def _row_starts(geo, at):
 
 
 @inline_kernel
-def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, offsets, hints,
-                 start):
+def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, offsets,
+                 hint_keys, hints, start):
     """Find the record of every key of ``keys[start:]`` in the mutable region, copying it
     there first if it sits in memory below ``read_only``. Returns ``(at, stop, status)``:
     each record's first word in the flat frames, and where and why the search stopped (see
     ``update_rows``).
 
-    Without ``hints`` the index is probed for every key, a few keys ahead. With them (each
-    position's address as found by a read just before, no insert, delete or upsert since:
-    see :func:`mlkv.engine.ops.update`), a hinted address at or above ``read_only`` is the
-    key's live record: records there never move, and ``read_only`` only rises, so it was
-    there all along. Only a key whose hint fell below ``read_only`` is looked up.
+    Without ``hints`` the index is probed for every key, a few keys ahead. With them (the
+    keys a read just before read, ``hint_keys``, and the address it found for each, with no
+    insert, delete or upsert since: see :func:`mlkv.engine.ops.update`), a position whose
+    key is its hint's key and whose hinted address is at or above ``read_only`` has its live
+    record there: records there never move, and ``read_only`` only rises, so it was there
+    all along. Other keys are looked up.
     """
     head = marks[M_HEAD]
     read_only = marks[M_READ_ONLY]
@@ -67,7 +68,8 @@ def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, o
     at = np.empty(n - start, dtype=np.int64)
     for i in range(start, n):
         if hinted:
-            a = hints[order[offsets[i]]] if grouped else hints[i]
+            p = order[offsets[i]] if grouped else i      # a position of keys[i] in the batch
+            a = hints[p] if hint_keys[p] == keys[i] else -1
         else:
             a = addrs[i]
         if a < read_only:
@@ -133,7 +135,7 @@ def _update_rows_for(rule):
 
     @kernel
     def update_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys, grads,
-                    order, offsets, hints, rule_state_dim, hyper, start):
+                    order, offsets, hint_keys, hints, rule_state_dim, hyper, start):
         """Apply the update rule to the rows of ``keys[start:]`` with ``grads``.
 
         ``offsets`` empty: ``grads[i]`` is a gradient of ``keys[i]``, and a key that repeats
@@ -147,14 +149,14 @@ def _update_rows_for(rule):
 
         A row in the mutable region (at or above ``read_only``) is updated in place; a row in
         memory below it is first copied to the tail (the checkpoint's copy stays untouched).
-        ``hints``: empty, or each position's address as a read just found it (see
+        ``hint_keys``, ``hints``: empty, or the keys a read just read and their addresses (see
         :func:`_locate_rows`). Returns ``(position, status)``: ``DONE`` at the end;
         ``NO_FRAME`` when the tail needs a page with no free frame; ``COLD`` when
         ``keys[position]``'s row is on disk only, and ``MISSING`` when it is absent: the
         caller brings the row in or creates it, and resumes.
         """
         at, stop, status = _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys,
-                                        order, offsets, hints, start)
+                                        order, offsets, hint_keys, hints, start)
         if offsets.shape[0] == 0:
             apply_each(words, vals, f32, geo, at[:stop - start], grads[start:stop],
                        rule_state_dim, hyper)

@@ -23,13 +23,15 @@ import types
 import numpy as np
 import torch
 
+from ._autograd import flat_ids
+
 END = object()          # what get() returns after the loader's last batch
 
 
 def ids_array(ids) -> np.ndarray:
     """A flat int64 numpy array of ``ids`` (a tensor, array or sequence)."""
     if isinstance(ids, torch.Tensor):
-        return ids.detach().reshape(-1).to(device="cpu", dtype=torch.int64).numpy()
+        return flat_ids(ids)
     return np.asarray(ids, dtype=np.int64).reshape(-1)
 
 

@@ -82,7 +82,7 @@ from mlkv.engine._rule_kernels import H_STEP, hyper_vector
 from mlkv.engine.ops import coalesce
 
 from . import _state
-from ._autograd import check_bag_input, check_ids, lookup, lookup_table
+from ._autograd import check_bag_input, check_ids, cpu_numpy, lookup, lookup_table
 
 _CHUNK = 1 << 16          # rows per store call in to_dense / from_dense
 
@@ -217,7 +217,7 @@ class KVEmbedding(nn.Module):
     def _receive_grad(self, unique_ids, grad, local_pad, owned=False):
         """Backward of a lookup: ``grad`` (``unique_ids``' coalesced gradient) is copied when
         kept (a deferred step, a sink) unless ``owned`` (fresh, no one else's)."""
-        g = grad.detach().cpu().numpy()
+        g = cpu_numpy(grad)
         if local_pad is not None:
             keep = np.ones(unique_ids.shape[0], dtype=bool)
             keep[local_pad] = False
