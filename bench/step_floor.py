@@ -64,9 +64,10 @@ def _read_then_update(flat, starts, out, grads, neg_lr):
 
 
 @numba.njit(nogil=True)
-def _value_starts(vals, geo, addrs, starts):
+def _value_starts(vals, geo, head, addrs, starts):
+    origin = K._ring_origin(geo, head)
     for i in range(addrs.shape[0]):
-        starts[i] = K._value_offset(vals, geo, addrs[i])
+        starts[i] = K._value_offset(vals, geo, origin, addrs[i])
 
 
 class _Handoff(torch.autograd.Function):
@@ -122,7 +123,7 @@ def main() -> None:
         for b in batches:
             K.find_slots(idx.slot_keys, idx.slot_addrs, b, 0, addrs)
             s = np.empty(BATCH, dtype=np.int64)
-            _value_starts(log.vals, log.geo, addrs, s)
+            _value_starts(log.vals, log.geo, log.marks[K.M_HEAD], addrs, s)
             starts.append(s)
         flat = log.vals.reshape(-1)
         parts["records"] = per_batch_us(

@@ -13,6 +13,7 @@ import itertools
 import os
 import sys
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -562,6 +563,31 @@ def geo_array(g: R.Geometry, n_frames: int) -> np.ndarray:
     geo[LK.G_STATE_BASE] = g.state_offset // 4
     geo[LK.G_VALUES_PER_WORD] = 8 // g.dtype.itemsize
     return geo
+
+
+@pytest.mark.parametrize("n_frames", [1, 5, 6, 37])
+def test_frame_word_at_is_the_ring_position_of_in_memory_addresses(n_frames):
+    """The batch loops' frame of an address at or above head, found from head's frame by a
+    subtraction, is page modulo frames (the reference) for every address of the pages in
+    memory (head's page and the n_frames - 1 after it), whatever page head is on."""
+    g = R.Geometry(8, "float32", 0, 12, 14)
+    geo = geo_array(g, n_frames)
+
+    @numba.njit
+    def both(geo, head, addresses, out):
+        origin = LK._ring_origin(geo, head)
+        for i in range(addresses.shape[0]):
+            out[i, 0], out[i, 1] = LK._frame_word_at(geo, origin, addresses[i])
+
+    rng = np.random.default_rng(n_frames)
+    for head_page in [1, 2, n_frames, n_frames + 1, 3 * n_frames - 1, 1_000_003]:
+        head = (head_page << 12) + int(rng.integers(0, 512)) * 8
+        top = (head_page + n_frames) << 12                # first address past the frames
+        addresses = np.unique(np.r_[head, top - 8, rng.integers(head, top, 200) // 8 * 8])
+        out = np.empty((addresses.shape[0], 2), np.int64)
+        both(geo, head, addresses, out)
+        assert out[:, 0].tolist() == [(a >> 12) % n_frames for a in addresses.tolist()]
+        assert out[:, 1].tolist() == [(a & 4095) >> 3 for a in addresses.tolist()]
 
 
 @pytest.mark.parametrize("dim,dtype,state_dim", GEOMETRIES + [(7, "float16", 1)])

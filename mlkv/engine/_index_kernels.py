@@ -42,9 +42,13 @@ def home_slot(key, capacity):
 @inline_kernel
 def find_slot(slot_keys, slot_addrs, key):
     """Slot holding ``key``, or ``-(s + 1)`` where ``s`` is the empty slot ending its probe run."""
-    capacity = slot_keys.shape[0]
-    mask = capacity - 1
-    s = home_slot(key, capacity)
+    return find_slot_from(slot_keys, slot_addrs, key, home_slot(key, slot_keys.shape[0]))
+
+
+@inline_kernel
+def find_slot_from(slot_keys, slot_addrs, key, s):
+    """:func:`find_slot` given ``key``'s home slot ``s``."""
+    mask = slot_keys.shape[0] - 1
     while True:
         if slot_addrs[s] == 0:
             return -(s + 1)

@@ -20,7 +20,7 @@ allocation succeeded, so a stop leaves no half-written key.
 import numpy as np
 
 from .._jit import inline_kernel, kernel, prefetch, prefetch_for_write
-from ._index_kernels import find_slot, home_slot, mix64, remove_slot
+from ._index_kernels import find_slot, find_slot_from, home_slot, mix64, remove_slot
 from .layout import FLAG_TOMBSTONE, FLAG_VALID, FLAGS_SHIFT
 
 # geometry. Value and state positions are counted in elements of the views that hold them
@@ -41,6 +41,8 @@ POLICY_FIFO, POLICY_SECOND_CHANCE, POLICY_FREQUENCY = 0, 1, 2
 #: 16 and 45 µs at 32 to 64 (the probe: 38 µs at 8, 33-34 µs from 16 on). With 8, a whole
 #: sgd training step ran 20% slower (2 vCPUs AMD EPYC; see bench/README.md, run 9).
 PREFETCH_DISTANCE = 32
+_HOME_RING = 64          # a power of two above PREFETCH_DISTANCE
+_HOME_MASK = _HOME_RING - 1
 FREQUENCY_THRESHOLD = 2
 
 
@@ -73,6 +75,26 @@ def _frame_word(geo, address):
     """(frame, word offset) of an in-memory address."""
     page_bits = geo[G_PAGE_BITS]
     return (address >> page_bits) % geo[G_FRAMES], (address & ((1 << page_bits) - 1)) >> 3
+
+
+@inline_kernel
+def _ring_origin(geo, head):
+    """``(page, frame)`` of ``head``, for :func:`_frame_word_at`."""
+    page = head >> geo[G_PAGE_BITS]
+    return page, page % geo[G_FRAMES]
+
+
+@inline_kernel
+def _frame_word_at(geo, origin, address):
+    """:func:`_frame_word` of an address at or above head, ``origin`` being
+    ``_ring_origin(geo, head)``: the frames hold the pages from head's on, one lap of the ring
+    at most, so a subtraction finds the frame. The batch loops use it, as the division cost
+    6 µs a batch of 4,096 rows in each of them."""
+    page_bits, n_frames = geo[G_PAGE_BITS], geo[G_FRAMES]
+    f = origin[1] + (address >> page_bits) - origin[0]
+    if f >= n_frames:
+        f -= n_frames
+    return f, (address & ((1 << page_bits) - 1)) >> 3
 
 
 @inline_kernel
@@ -131,12 +153,18 @@ def find_slots(slot_keys, slot_addrs, keys, start, addrs):
     n = keys.shape[0]
     capacity = slot_keys.shape[0]
     slots = np.empty(n - start, dtype=np.int64)
+    # the home slots hashed for the prefetch, kept for the probe (hashing each key once saved
+    # 5 µs a batch of 4,096)
+    homes = np.empty(_HOME_RING, dtype=np.int64)
+    for i in range(start, min(start + PREFETCH_DISTANCE, n)):
+        homes[i & _HOME_MASK] = home_slot(keys[i], capacity)
     for i in range(start, n):
         if i + PREFETCH_DISTANCE < n:
             h = home_slot(keys[i + PREFETCH_DISTANCE], capacity)
+            homes[(i + PREFETCH_DISTANCE) & _HOME_MASK] = h
             prefetch(slot_keys, h)
             prefetch(slot_addrs, h)
-        s = find_slot(slot_keys, slot_addrs, keys[i])
+        s = find_slot_from(slot_keys, slot_addrs, keys[i], homes[i & _HOME_MASK])
         slots[i - start] = s
         addrs[i] = slot_addrs[s] if s >= 0 else -1
     return slots
@@ -189,6 +217,7 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
     """
     head = marks[M_HEAD]            # markers move only between kernel calls
     read_only = marks[M_READ_ONLY]
+    origin = _ring_origin(geo, head)
     n = keys.shape[0]
     # A read inserts and removes no key, so the slots found up front stay valid. Addresses
     # found up front stay valid at or above read_only (nothing there moves during a call);
@@ -225,16 +254,17 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
             if admit:
                 a = move_record(words, geo, slot_addrs, s, a, new)
         addrs_out[i] = a
-        src[i - start] = _value_offset(vals, geo, a)
+        src[i - start] = _value_offset(vals, geo, origin, a)
     if want_values:
         _copy_rows_out(vals, src, out, start, stop)
     return stop, n_cold, n_absent
 
 
 @inline_kernel
-def _value_offset(vals, geo, address):
-    """Where the values of the in-memory record at ``address`` start in ``vals``'s flat data."""
-    f, w = _frame_word(geo, address)
+def _value_offset(vals, geo, origin, address):
+    """Where the values of the in-memory record at ``address`` start in ``vals``'s flat data
+    (``origin``: see :func:`_frame_word_at`)."""
+    f, w = _frame_word_at(geo, origin, address)
     return f * vals.shape[1] + w * geo[G_VALUES_PER_WORD] + geo[G_VALUE_BASE]
 
 

@@ -9,7 +9,8 @@ import numpy as np
 from .._jit import inline_kernel, kernel
 from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
                            G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, PREFETCH_DISTANCE,
-                           _frame_word, _prefetch_span, allocate, find_slots, move_record)
+                           _frame_word_at, _prefetch_span, _ring_origin, allocate, find_slots,
+                           move_record)
 from ._index_kernels import find_slot
 from ._rule_kernels import RULES, apply_rule
 
@@ -57,6 +58,7 @@ def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, o
     """
     head = marks[M_HEAD]
     read_only = marks[M_READ_ONLY]
+    origin = _ring_origin(geo, head)
     n = keys.shape[0]
     hinted = hints.shape[0] > 0
     grouped = offsets.shape[0] > 0
@@ -84,7 +86,7 @@ def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, o
                 if new < 0:
                     return at, i, NO_FRAME
                 a = move_record(words, geo, slot_addrs, s, a, new)
-        f, w = _frame_word(geo, a)
+        f, w = _frame_word_at(geo, origin, a)
         dirty[f] = 1
         at[i - start] = f * words.shape[1] + w
     return at, n, DONE
