@@ -11,6 +11,8 @@ def as_keys(keys) -> np.ndarray:
     Any integer dtype (and lists of ints) is accepted; floats, objects and arrays that are
     not 1-D are refused with ``TypeError`` / ``ValueError``.
     """
+    if is_ready(keys, _INT64, 1):           # the common case, checked first: runs every batch
+        return keys
     arr = np.asarray(keys)
     if arr.ndim != 1:
         raise ValueError(f"keys must be a 1-D array, got shape {arr.shape}")
@@ -25,6 +27,8 @@ def as_keys(keys) -> np.ndarray:
 
 def as_values(values, n: int, dim: int, dtype: np.dtype) -> np.ndarray:
     """``values`` as a contiguous ``[n, dim]`` array of ``dtype`` (numbers are converted)."""
+    if is_ready(values, dtype, 2) and values.shape == (n, dim):
+        return values
     arr = np.asarray(values)
     if n == 0 and arr.size == 0:
         return np.empty((0, dim), dtype=dtype)
@@ -33,3 +37,12 @@ def as_values(values, n: int, dim: int, dtype: np.dtype) -> np.ndarray:
     if arr.shape != (n, dim):
         raise ValueError(f"values must have shape ({n}, {dim}) for {n} keys, got {arr.shape}")
     return np.ascontiguousarray(arr, dtype=dtype)
+
+
+_INT64 = np.dtype(np.int64)
+
+
+def is_ready(arr, dtype, ndim: int) -> bool:
+    """Whether ``arr`` is already a C-contiguous ndarray of ``dtype`` with ``ndim`` dimensions."""
+    return (type(arr) is np.ndarray and arr.dtype == dtype and arr.ndim == ndim
+            and arr.flags.c_contiguous)

@@ -190,6 +190,31 @@ def test_values_of_wrong_type(store, bad):
     assert_intact(store)
 
 
+@pytest.mark.parametrize("hyper, error, match", [
+    (np.zeros(3), ValueError, r"hyper must have shape \(7,\)"),
+    (np.zeros((7, 1)), ValueError, r"hyper must have shape \(7,\)"),
+    (np.zeros(7, np.float32), None, None),               # converted, as any numbers
+    ("lr", ValueError, "could not convert"),
+])
+def test_update_bad_hyper_after_good_updates(store, hyper, error, match):
+    """A bad options vector is refused even after good updates of the same rule and store
+    (whose checks are remembered), and writes nothing."""
+    from mlkv.engine._rule_kernels import hyper_vector
+    keys, grads = KEYS[:4], np.ones((4, DIM), np.float32)
+    for step in (1, 2):
+        store.update(keys, grads, "sgd", hyper_vector("sgd", lr=0.5, step=step))
+    before = store.get(KEYS)
+    if error is None:
+        store.update(keys, grads, "sgd", hyper)   # lr 0: the rows stay
+    else:
+        with pytest.raises(error, match=match):
+            store.update(keys, grads, "sgd", hyper)
+    np.testing.assert_array_equal(store.get(KEYS), before)
+    with pytest.raises(TypeError, match="values must be numbers"):
+        store.update(keys, np.full((4, DIM), "x"), "sgd", hyper_vector("sgd", lr=0.5))
+    np.testing.assert_array_equal(store.get(KEYS), before)
+
+
 def test_bad_keys_with_good_values_write_nothing(store):
     with pytest.raises(TypeError):
         store.put(np.array([ABSENT, 1.5]), np.ones((2, DIM)))

@@ -37,6 +37,7 @@ import math
 import numpy as np
 
 from .._jit import fma, inline_kernel, kernel
+from ..inputs import is_ready
 
 RULE_SGD, RULE_ADAGRAD, RULE_ROWWISE_ADAGRAD, RULE_ADAM = range(4)
 RULES = {"sgd": RULE_SGD, "adagrad": RULE_ADAGRAD, "rowwise_adagrad": RULE_ROWWISE_ADAGRAD,
@@ -273,6 +274,9 @@ _TRAINABLE = (np.dtype(np.float32), np.dtype(np.float64))
 
 def check_update(rule_name: str, hyper, dim: int, dtype, store_state_dim: int):
     """Check a store update's rule and options; returns ``(code, rule state_dim, hyper)``."""
+    known = _CHECKED.get((rule_name, dim, dtype, store_state_dim))
+    if known is not None and is_ready(hyper, _FLOAT64, 1) and hyper.shape[0] == N_HYPER:
+        return known[0], known[1], hyper   # checked before: a training loop's every step
     code = _rule_code(rule_name)
     if np.dtype(dtype) not in _TRAINABLE:
         raise TypeError(f"update rules need a float32 or float64 store, not {np.dtype(dtype)}")
@@ -284,4 +288,11 @@ def check_update(rule_name: str, hyper, dim: int, dtype, store_state_dim: int):
     if hyper.shape != (N_HYPER,):
         raise ValueError(f"hyper must have shape ({N_HYPER},) (see hyper_vector), "
                          f"got {hyper.shape}")
+    _CHECKED[rule_name, dim, dtype, store_state_dim] = code, need
     return code, need, hyper
+
+
+#: ``(rule_name, dim, dtype, store_state_dim)`` -> ``(code, rule state_dim)`` of the updates
+#: checked so far
+_CHECKED = {}
+_FLOAT64 = np.dtype(np.float64)
