@@ -8,6 +8,7 @@ of any of them raises :class:`~mlkv.errors.SettingsMismatchError`. ``memory_byte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -86,8 +87,9 @@ class StoreSettings:
         if not np.isfinite(self.init_scale) or self.init_scale < 0:
             raise ValueError(f"init_scale must be a finite number >= 0, got {self.init_scale!r}")
 
-    @property
+    @functools.cached_property
     def np_dtype(self) -> np.dtype:
+        # cached: a store's every update asks for it, and np.dtype(name) is not free
         return np.dtype(self.dtype)
 
     # ---- persistence -------------------------------------------------------------------
