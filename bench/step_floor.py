@@ -17,8 +17,15 @@ project knows how:
   272-byte records, rows found by arithmetic).
 
 ``floor = autograd + probe + records`` is a step with nothing but the unavoidable parts, and
-is set against ``torch / 1.5``, the target. Prints µs per batch (mean of the second of two
-passes over the batches).
+is set against ``torch / 1.5``, the target. Beside it, what mlkv's step is made of:
+
+- ``mlkv kernels``: mlkv's read kernel, then its sgd update kernel with the read's addresses,
+  called one after the other with no Python between (what ``emb(ids).backward(w)`` runs);
+- ``kernels + autograd``: the same two kernels in a ``torch.autograd.Function`` (read in
+  forward, update in backward): mlkv's step without the Python of its modules and store;
+- ``mlkv step``: ``emb(ids).backward(w)`` on a ``KVEmbedding``.
+
+Prints µs per batch (mean of the second of two passes over the batches).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import BATCH, DIM, key_batches, per_batch_us  # noqa: E402
 
 from mlkv.engine import _log_kernels as K  # noqa: E402
+from mlkv.engine import _update_kernels as UK  # noqa: E402
+from mlkv.engine._rule_kernels import RULES, hyper_vector  # noqa: E402
 from mlkv.frameworks.torch import KVEmbedding  # noqa: E402
 
 ROWS = 1 << 18
@@ -68,6 +77,48 @@ def _value_starts(vals, geo, head, addrs, starts):
     origin = K._ring_origin(geo, head)
     for i in range(addrs.shape[0]):
         starts[i] = K._value_offset(vals, geo, origin, addrs[i])
+
+
+class _Kernels(torch.autograd.Function):
+    """mlkv's read kernel in forward, its update kernel in backward, nothing else."""
+
+    @staticmethod
+    def forward(ctx, anchor, kernels, keys):
+        read, ctx.update = kernels
+        out = np.empty((keys.shape[0], DIM), dtype=np.float32)
+        ctx.keys, ctx.addrs = keys, read(keys, out)
+        return torch.from_numpy(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.update(ctx.keys, ctx.addrs, grad.numpy())
+        return None, None, None
+
+
+def _store_kernels(store):
+    """``(read(keys, out) -> addresses, update(keys, addresses, grads))``: the store's read
+    kernel and its sgd update kernel, called directly (the table must be in memory)."""
+    eng = store.engine
+    idx, log, policy = eng.index, eng.log, eng.policy
+    none = np.empty(0, dtype=np.int64)
+    hyper = hyper_vector("sgd", LR)
+    update_rows = UK.UPDATE_ROWS[RULES["sgd"]]
+
+    def read(keys, out):
+        addrs, cold = np.empty(keys.shape[0], np.int64), np.empty(keys.shape[0], np.int64)
+        stop, n_cold, _ = K.read_resident(
+            idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.dirty, log.geo, log.marks,
+            keys, 0, True, out, addrs, cold, 0, 0, policy.code, policy.counters)
+        assert stop == keys.shape[0] and n_cold == 0, "the table must be in memory"
+        return addrs
+
+    def update(keys, addrs, grads):
+        stop, status = update_rows(
+            idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.f32, log.dirty, log.geo,
+            log.marks, keys, grads, none, none, keys, addrs, 0, hyper, 0)
+        assert status == UK.DONE
+
+    return read, update
 
 
 class _Handoff(torch.autograd.Function):
@@ -128,6 +179,13 @@ def main() -> None:
         flat = log.vals.reshape(-1)
         parts["records"] = per_batch_us(
             lambda s: _read_then_update(flat, s, out, grads, neg_lr), starts)
+        kernels = _store_kernels(emb.store)
+        read, update = kernels
+        parts["mlkv kernels"] = per_batch_us(
+            lambda b: update(b, read(b, out), grads), batches)
+        anchor = torch.empty(0, requires_grad=True)
+        parts["kernels + autograd"] = per_batch_us(
+            lambda b: _Kernels.apply(anchor, kernels, b).backward(w), batches)
         parts["mlkv step"] = per_batch_us(lambda i: emb(i).backward(w), ids)
         emb.close()
     dense = weight.numpy().reshape(-1).copy()
@@ -141,6 +199,9 @@ def main() -> None:
     print(f"{'floor (autograd+probe+records)':28s} {floor:8.0f} µs")
     print(f"{'target: torch step / 1.5':28s} {target:8.0f} µs")
     print(f"floor / target {floor / target:.2f}; mlkv step / floor {parts['mlkv step'] / floor:.2f}")
+    bare = parts["kernels + autograd"]
+    print(f"torch step / (kernels + autograd) {parts['torch step'] / bare:.2f}; "
+          f"torch step / mlkv step {parts['torch step'] / parts['mlkv step']:.2f}")
 
 
 if __name__ == "__main__":
