@@ -187,15 +187,15 @@ def _prefetch_span(flat, first, count, for_write):
 
 
 @inline_kernel
-def _prefetch_record(flat_words, geo, head, address, for_write):
+def _prefetch_record(flat_words, geo, head, origin, address, for_write):
     """Prefetch the cache lines of the record at ``address``, if it is in memory.
 
     ``flat_words`` is the frames as one int64 vector and ``head`` the caller's copy of
-    ``marks[M_HEAD]``: a reshape, or a load of ``marks``, once per row made a row loop up to
-    twice as slow.
+    ``marks[M_HEAD]`` (``origin``: see :func:`_frame_word_at`): a reshape, or a load of
+    ``marks``, once per row made a row loop up to twice as slow.
     """
     if address >= head:
-        f, w = _frame_word(geo, address)
+        f, w = _frame_word_at(geo, origin, address)
         _prefetch_span(flat_words, f * (1 << (geo[G_PAGE_BITS] - 3)) + w, geo[G_RECORD_WORDS],
                        for_write)
 
@@ -331,6 +331,7 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
     state_dim = geo[G_STATE_DIM]
     head = marks[M_HEAD]
     read_only = marks[M_READ_ONLY]
+    origin = _ring_origin(geo, head)         # rows written are at or above head
     flat_vals = vals.reshape(vals.size)      # one view for the call, not one per row
     flat_words = words.reshape(words.size)
     row_values = vals.shape[1]
@@ -344,7 +345,7 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
     slots = find_slots(slot_keys, slot_addrs, keys, start, addrs)
     for i in range(start, n):
         if i + PREFETCH_DISTANCE < n:
-            _prefetch_record(flat_words, geo, head, addrs[i + PREFETCH_DISTANCE], True)
+            _prefetch_record(flat_words, geo, head, origin, addrs[i + PREFETCH_DISTANCE], True)
         s = slots[i - start]
         if s < 0:
             s = find_slot(slot_keys, slot_addrs, keys[i])
@@ -352,14 +353,14 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
         if s >= 0 and a < read_only:
             a = slot_addrs[s]
         if s >= 0 and a >= read_only:
-            f, w = _frame_word(geo, a)
+            f, w = _frame_word_at(geo, origin, a)
             for k in range(state_dim):
                 f32[f, w * 2 + state_base + k] = 0.0
         else:
             new = allocate(words, dirty, geo, marks)
             if new < 0:
                 return i, inserted
-            f, w = _frame_word(geo, new)
+            f, w = _frame_word_at(geo, origin, new)
             words[f, w] = FLAG_VALID << FLAGS_SHIFT
             words[f, w + 1] = keys[i]
             if s >= 0:
