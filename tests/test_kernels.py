@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import mlkv
 from mlkv.engine import _device_kernels as DK
 from mlkv.engine import _index_kernels as IK
+from mlkv.engine import _init_kernels as INK
 from mlkv.engine import _log_kernels as LK
 from mlkv.engine import buffers, ops
 from mlkv.engine import device as device_mod
@@ -1181,7 +1182,7 @@ def test_finish_cold_against_reference(tmp_path, policy, limit_stop):
 def test_init_values_against_reference(keys, seed, kind, dim, scale, dtype):
     k = np.array(keys, np.int64)
     out = np.full((k.shape[0], dim), np.nan, dtype)
-    LK.init_values(k, np.uint64(seed), kind, scale, out)  # (a Python int: see test_init_seeds)
+    INK.init_values(k, np.uint64(seed), kind, scale, out)  # (a Python int: see test_init_seeds)
     expect = R.init_values(keys, seed, kind, scale, dim, dtype)
     if dtype == "float64":
         np.testing.assert_allclose(out, expect, rtol=4e-16, atol=4e-16 * scale)
@@ -1195,16 +1196,16 @@ def test_init_values_deterministic_and_batch_independent():
                            rng.integers(I64_MIN, I64_MAX, 500, dtype=np.int64)])
     for kind in (0, 1):
         a = np.empty((keys.shape[0], 16), np.float32)
-        LK.init_values(keys, 42, kind, 0.5, a)
+        INK.init_values(keys, 42, kind, 0.5, a)
         perm = rng.permutation(keys.shape[0])
         b = np.empty_like(a)
-        LK.init_values(keys[perm], 42, kind, 0.5, b)
+        INK.init_values(keys[perm], 42, kind, 0.5, b)
         np.testing.assert_array_equal(b, a[perm])
         c = np.empty((1, 16), np.float32)
-        LK.init_values(keys[7:8], 42, kind, 0.5, c)
+        INK.init_values(keys[7:8], 42, kind, 0.5, c)
         np.testing.assert_array_equal(c[0], a[7])
         d = np.empty_like(a)
-        LK.init_values(keys, 43, kind, 0.5, d)
+        INK.init_values(keys, 43, kind, 0.5, d)
         assert (d != a).mean() > 0.99  # another seed, other rows
         rows = {tuple(r) for r in a.tolist()}
         assert len(rows) == keys.shape[0]  # other keys, other rows
@@ -1213,14 +1214,14 @@ def test_init_values_deterministic_and_batch_independent():
 def test_init_values_distribution():
     keys = np.arange(-20000, 20000, dtype=np.int64)
     u = np.empty((keys.shape[0], 8), np.float64)
-    LK.init_values(keys, 0, 0, 0.25, u)
+    INK.init_values(keys, 0, 0, 0.25, u)
     assert u.min() >= -0.25 and u.max() < 0.25
     assert abs(u.mean()) < 0.002 and abs(u.std() - 0.25 / np.sqrt(3)) < 0.002
     n = np.empty_like(u)
-    LK.init_values(keys, 0, 1, 2.0, n)
+    INK.init_values(keys, 0, 1, 2.0, n)
     assert abs(n.mean()) < 0.02 and abs(n.std() - 2.0) < 0.02
     z = np.full_like(u, 5.0)
-    LK.init_values(keys, 0, 2, 2.0, z)
+    INK.init_values(keys, 0, 2, 2.0, z)
     assert (z == 0).all()
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import CorruptionError
 from . import _batch_kernels as BK
 from . import _checksum_kernels as CK
+from . import _init_kernels as IK
 from . import _log_kernels as K
 from . import _rule_kernels as RK
 from . import _update_kernels as UK
@@ -245,7 +246,7 @@ def create_missing(eng: Engine, keys: np.ndarray, init_kind: int, init_scale: fl
     # float16 rows are drawn in float32 and rounded, as Numba has no float16 arithmetic
     draw_dtype = np.float32 if eng.dtype == np.float16 else eng.dtype
     values = np.empty((absent.shape[0], eng.layout.dim), dtype=draw_dtype)
-    K.init_values(absent, np.uint64(seed), init_kind, init_scale, values)
+    IK.init_values(absent, np.uint64(seed), init_kind, init_scale, values)
     upsert(eng, absent, values.astype(eng.dtype, copy=False))
     return absent.shape[0]
 
