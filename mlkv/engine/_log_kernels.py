@@ -41,7 +41,7 @@ POLICY_FIFO, POLICY_SECOND_CHANCE, POLICY_FREQUENCY = 0, 1, 2
 #: 16 and 45 µs at 32 to 64 (the probe: 38 µs at 8, 33-34 µs from 16 on). With 8, a whole
 #: sgd training step ran 20% slower (2 vCPUs AMD EPYC; see bench/README.md, run 9).
 PREFETCH_DISTANCE = 32
-_HOME_RING = 64          # a power of two above PREFETCH_DISTANCE
+_HOME_RING = 1 << PREFETCH_DISTANCE.bit_length()    # a power of two above it
 _HOME_MASK = _HOME_RING - 1
 FREQUENCY_THRESHOLD = 2
 
