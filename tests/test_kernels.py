@@ -567,7 +567,7 @@ def geo_array(g: R.Geometry, n_frames: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n_frames", [1, 5, 6, 37])
-def test_frame_word_at_is_the_ring_position_of_in_memory_addresses(n_frames):
+def test_frame_word_is_the_ring_position_of_in_memory_addresses(n_frames):
     """The batch loops' frame of an address at or above head, found from head's frame by a
     subtraction, is page modulo frames (the reference) for every address of the pages in
     memory (head's page and the n_frames - 1 after it), whatever page head is on."""
@@ -578,7 +578,7 @@ def test_frame_word_at_is_the_ring_position_of_in_memory_addresses(n_frames):
     def both(geo, head, addresses, out):
         origin = LK._ring_origin(geo, head)
         for i in range(addresses.shape[0]):
-            out[i, 0], out[i, 1] = LK._frame_word_at(geo, origin, addresses[i])
+            out[i, 0], out[i, 1] = LK._frame_word(geo, origin, addresses[i])
 
     rng = np.random.default_rng(n_frames)
     for head_page in [1, 2, n_frames, n_frames + 1, 3 * n_frames - 1, 1_000_003]:

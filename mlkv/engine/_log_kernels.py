@@ -71,25 +71,19 @@ def allocate(words, dirty, geo, marks):
 
 
 @inline_kernel
-def _frame_word(geo, address):
-    """(frame, word offset) of an in-memory address."""
-    page_bits = geo[G_PAGE_BITS]
-    return (address >> page_bits) % geo[G_FRAMES], (address & ((1 << page_bits) - 1)) >> 3
-
-
-@inline_kernel
 def _ring_origin(geo, head):
-    """``(page, frame)`` of ``head``, for :func:`_frame_word_at`."""
+    """``(page, frame)`` of ``head``, for :func:`_frame_word` (markers move only between
+    kernel calls, so a kernel takes it once)."""
     page = head >> geo[G_PAGE_BITS]
     return page, page % geo[G_FRAMES]
 
 
 @inline_kernel
-def _frame_word_at(geo, origin, address):
-    """:func:`_frame_word` of an address at or above head, ``origin`` being
-    ``_ring_origin(geo, head)``: the frames hold the pages from head's on, one lap of the ring
-    at most, so a subtraction finds the frame. The batch loops use it, as the division cost
-    6 µs a batch of 4,096 rows in each of them."""
+def _frame_word(geo, origin, address):
+    """(frame, word offset) of an in-memory address (at or above head), ``origin`` being
+    ``_ring_origin(geo, head)``. The frames hold the pages from head's on, one lap of the ring
+    at most, so a subtraction finds the frame: a division per row cost 6 µs a batch of 4,096
+    rows in each of the read and update loops."""
     page_bits, n_frames = geo[G_PAGE_BITS], geo[G_FRAMES]
     f = origin[1] + (address >> page_bits) - origin[0]
     if f >= n_frames:
@@ -98,12 +92,12 @@ def _frame_word_at(geo, origin, address):
 
 
 @inline_kernel
-def move_record(words, geo, slot_addrs, slot, address, new):
+def move_record(words, geo, origin, slot_addrs, slot, address, new):
     """Copy the in-memory record at ``address`` to ``new`` (just allocated at the tail) and
     point index slot ``slot`` there (the copy-to-tail of FASTER's RCU); returns ``new``."""
     n_words = geo[G_RECORD_WORDS]
-    f0, w0 = _frame_word(geo, address)
-    f1, w1 = _frame_word(geo, new)
+    f0, w0 = _frame_word(geo, origin, address)
+    f1, w1 = _frame_word(geo, origin, new)
     words[f1, w1:w1 + n_words] = words[f0, w0:w0 + n_words]
     slot_addrs[slot] = new
     return new
@@ -191,11 +185,11 @@ def _prefetch_record(flat_words, geo, head, origin, address, for_write):
     """Prefetch the cache lines of the record at ``address``, if it is in memory.
 
     ``flat_words`` is the frames as one int64 vector and ``head`` the caller's copy of
-    ``marks[M_HEAD]`` (``origin``: see :func:`_frame_word_at`): a reshape, or a load of
+    ``marks[M_HEAD]`` (``origin``: see :func:`_frame_word`): a reshape, or a load of
     ``marks``, once per row made a row loop up to twice as slow.
     """
     if address >= head:
-        f, w = _frame_word_at(geo, origin, address)
+        f, w = _frame_word(geo, origin, address)
         _prefetch_span(flat_words, f * (1 << (geo[G_PAGE_BITS] - 3)) + w, geo[G_RECORD_WORDS],
                        for_write)
 
@@ -252,7 +246,7 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
                 break
             _count(policy, counters, keys[i])
             if admit:
-                a = move_record(words, geo, slot_addrs, s, a, new)
+                a = move_record(words, geo, origin, slot_addrs, s, a, new)
         addrs_out[i] = a
         src[i - start] = _value_offset(vals, geo, origin, a)
     if want_values:
@@ -263,8 +257,8 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
 @inline_kernel
 def _value_offset(vals, geo, origin, address):
     """Where the values of the in-memory record at ``address`` start in ``vals``'s flat data
-    (``origin``: see :func:`_frame_word_at`)."""
-    f, w = _frame_word_at(geo, origin, address)
+    (``origin``: see :func:`_frame_word`)."""
+    f, w = _frame_word(geo, origin, address)
     return f * vals.shape[1] + w * geo[G_VALUES_PER_WORD] + geo[G_VALUE_BASE]
 
 
@@ -299,6 +293,7 @@ def finish_cold(slot_keys, slot_addrs, words, dirty, geo, marks, keys, cold_pos,
     """
     words_per_record = geo[G_RECORD_WORDS]
     value_base = geo[G_VALUE_BASE]
+    origin = _ring_origin(geo, marks[M_HEAD])
     for c in range(start, cold_pos.shape[0]):
         i = cold_pos[c]
         r = rec_index[c]
@@ -310,7 +305,7 @@ def finish_cold(slot_keys, slot_addrs, words, dirty, geo, marks, keys, cold_pos,
                 new = allocate(words, dirty, geo, marks)
                 if new < 0:
                     return c
-                f, w = _frame_word(geo, new)
+                f, w = _frame_word(geo, origin, new)
                 words[f, w:w + words_per_record] = rec_words[r, :]
                 slot_addrs[s] = new
     return cold_pos.shape[0]
@@ -353,14 +348,14 @@ def write_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys,
         if s >= 0 and a < read_only:
             a = slot_addrs[s]
         if s >= 0 and a >= read_only:
-            f, w = _frame_word_at(geo, origin, a)
+            f, w = _frame_word(geo, origin, a)
             for k in range(state_dim):
                 f32[f, w * 2 + state_base + k] = 0.0
         else:
             new = allocate(words, dirty, geo, marks)
             if new < 0:
                 return i, inserted
-            f, w = _frame_word_at(geo, origin, new)
+            f, w = _frame_word(geo, origin, new)
             words[f, w] = FLAG_VALID << FLAGS_SHIFT
             words[f, w + 1] = keys[i]
             if s >= 0:
@@ -383,6 +378,7 @@ def delete_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, start):
     Absent keys are skipped. Returns ``(position reached, keys removed)``.
     """
     removed = 0
+    origin = _ring_origin(geo, marks[M_HEAD])
     for i in range(start, keys.shape[0]):
         s = find_slot(slot_keys, slot_addrs, keys[i])
         if s < 0:
@@ -390,7 +386,7 @@ def delete_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, start):
         new = allocate(words, dirty, geo, marks)
         if new < 0:
             return i, removed
-        f, w = _frame_word(geo, new)
+        f, w = _frame_word(geo, origin, new)
         words[f, w] = (FLAG_VALID | FLAG_TOMBSTONE) << FLAGS_SHIFT
         words[f, w + 1] = keys[i]
         remove_slot(slot_keys, slot_addrs, s)

@@ -9,7 +9,7 @@ import numpy as np
 from .._jit import inline_kernel, kernel
 from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
                            G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, PREFETCH_DISTANCE,
-                           _frame_word_at, _prefetch_span, _ring_origin, allocate, find_slots,
+                           _frame_word, _prefetch_span, _ring_origin, allocate, find_slots,
                            move_record)
 from ._index_kernels import find_slot
 from ._rule_kernels import RULES, apply_rule
@@ -85,8 +85,8 @@ def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, o
                 new = allocate(words, dirty, geo, marks)
                 if new < 0:
                     return at, i, NO_FRAME
-                a = move_record(words, geo, slot_addrs, s, a, new)
-        f, w = _frame_word_at(geo, origin, a)
+                a = move_record(words, geo, origin, slot_addrs, s, a, new)
+        f, w = _frame_word(geo, origin, a)
         dirty[f] = 1
         at[i - start] = f * words.shape[1] + w
     return at, n, DONE
