@@ -59,37 +59,44 @@ def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, o
     head = marks[M_HEAD]
     read_only = marks[M_READ_ONLY]
     origin = _ring_origin(geo, head)
-    n = keys.shape[0]
     hinted = hints.shape[0] > 0
     grouped = offsets.shape[0] > 0
+    # views from start, indexed from 0 (see _log_kernels._probe_ahead); hints are per
+    # position of the batch, found through order when grouped
+    keys = keys[start:]
+    if grouped:
+        offsets = offsets[start:]
+    elif hinted:
+        hint_keys, hints = hint_keys[start:], hints[start:]
+    n = keys.shape[0]
     addrs = np.empty(0 if hinted else n, dtype=np.int64)
     # No key is inserted here, so the slots found up front stay valid. A repeat of a key
     # moved to the tail earlier in this call has moved: addresses below read_only are read
     # again from the index.
-    slots = addrs if hinted else find_slots(slot_keys, slot_addrs, keys, start, addrs)
-    at = np.empty(n - start, dtype=np.int64)
-    for i in range(start, n):
+    slots = addrs if hinted else find_slots(slot_keys, slot_addrs, keys, 0, addrs)
+    at = np.empty(n, dtype=np.int64)
+    for k in range(n):
         if hinted:
-            p = order[offsets[i]] if grouped else i      # a position of keys[i] in the batch
-            a = hints[p] if hint_keys[p] == keys[i] else -1
+            p = order[offsets[k]] if grouped else k      # a position of keys[k] in the batch
+            a = hints[p] if hint_keys[p] == keys[k] else -1
         else:
-            a = addrs[i]
+            a = addrs[k]
         if a < read_only:
-            s = find_slot(slot_keys, slot_addrs, keys[i]) if hinted else slots[i - start]
+            s = find_slot(slot_keys, slot_addrs, keys[k]) if hinted else slots[k]
             if s < 0:
-                return at, i, MISSING
+                return at, start + k, MISSING
             a = slot_addrs[s]
             if a < head:
-                return at, i, COLD
+                return at, start + k, COLD
             if a < read_only:
                 new = allocate(words, dirty, geo, marks)
                 if new < 0:
-                    return at, i, NO_FRAME
+                    return at, start + k, NO_FRAME
                 a = move_record(words, geo, origin, slot_addrs, s, a, new)
         f, w = _frame_word(geo, origin, a)
         dirty[f] = 1
-        at[i - start] = f * words.shape[1] + w
-    return at, n, DONE
+        at[k] = f * words.shape[1] + w
+    return at, start + n, DONE
 
 
 def _update_rows_for(rule):
