@@ -81,24 +81,27 @@ class HybridLog:
         self.dirty = np.zeros(self.n_frames, dtype=np.uint8)
         self.geo = geometry(layout, self.n_frames)
         self.marks = np.zeros(K.N_MARKS, dtype=np.int64)
+        #: the same markers read as Python ints: 10x cheaper than indexing the array, and
+        #: markers are read after every kernel call
+        self.mark = memoryview(self.marks)
         self.restore(FIRST_ADDRESS_PAGE << layout.page_bits, FIRST_ADDRESS_PAGE << layout.page_bits)
 
     # ---- markers -------------------------------------------------------------------------
     @property
     def begin(self) -> int:
-        return int(self.marks[K.M_BEGIN])
+        return self.mark[K.M_BEGIN]
 
     @property
     def head(self) -> int:
-        return int(self.marks[K.M_HEAD])
+        return self.mark[K.M_HEAD]
 
     @property
     def read_only(self) -> int:
-        return int(self.marks[K.M_READ_ONLY])
+        return self.mark[K.M_READ_ONLY]
 
     @property
     def tail(self) -> int:
-        return int(self.marks[K.M_TAIL])
+        return self.mark[K.M_TAIL]
 
     def markers(self) -> dict:
         return {"begin": self.begin, "head": self.head, "read_only": self.read_only,
@@ -108,16 +111,15 @@ class HybridLog:
         self.marks[K.M_LIMIT_PAGE] = (self.head >> self.layout.page_bits) + self.n_frames - 1
 
     def _open_page(self) -> int:
-        return int(self.marks[K.M_OPEN_PAGE])
+        return self.mark[K.M_OPEN_PAGE]
 
     def shift_read_only(self) -> None:
         """Keep the newest ``mutable_pages`` pages mutable; older ones become read-only."""
-        marks = self.marks.tolist()          # one call, not one per marker: runs every batch
-        page_bits, head = self.layout.page_bits, marks[K.M_HEAD]
-        newest = max(marks[K.M_OPEN_PAGE], head >> page_bits)
+        mark = self.mark                     # runs after every batch: see __init__
+        page_bits, head = self.layout.page_bits, mark[K.M_HEAD]
+        newest = max(mark[K.M_OPEN_PAGE], head >> page_bits)
         boundary = max(0, newest - self.mutable_pages + 1) << page_bits
-        self.marks[K.M_READ_ONLY] = max(marks[K.M_READ_ONLY], head,
-                                        min(boundary, marks[K.M_TAIL]))
+        mark[K.M_READ_ONLY] = max(mark[K.M_READ_ONLY], head, min(boundary, mark[K.M_TAIL]))
 
     # ---- eviction and flushing -------------------------------------------------------------
     def make_room(self) -> None:
