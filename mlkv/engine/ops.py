@@ -120,17 +120,16 @@ def read_resident(eng: Engine, keys: np.ndarray, want_values: bool = True,
     out_bits = out.view(kernel_dtype(eng.dtype))
     addrs = np.empty(n, dtype=np.int64)
     cold_pos = np.empty(n, dtype=np.int64)
-    n_cold = n_absent = 0
-
-    def serve_resident(pos):
-        nonlocal n_cold, n_absent
+    pos = n_cold = n_absent = 0
+    while True:        # as _run, unrolled: this runs in every training step's forward
         pos, n_cold, n_absent = K.read_resident(
             idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.dirty, log.geo, log.marks,
             keys, pos, want_values, out_bits, addrs, cold_pos, n_cold, n_absent, policy,
             eng.policy.counters)
-        return None if pos == n else pos
-
-    _run(eng, serve_resident)
+        if pos == n:
+            break
+        log.make_room()
+    log.shift_read_only()
     cold_pos = cold_pos[:n_cold]
     if n_cold:
         unique_addrs, first, rec_index = np.unique(addrs[cold_pos], return_index=True,
@@ -144,11 +143,14 @@ def read_resident(eng: Engine, keys: np.ndarray, want_values: bool = True,
 def read_disk(eng: Engine, pending: PendingRead) -> np.ndarray:
     """Step 2 of :func:`read`: the records on disk, checked; touches only the device."""
     if not pending.cold_pos.shape[0]:
-        return np.empty((0, eng.layout.record_bytes), dtype=np.uint8)
+        return _NO_RECORDS
     records = eng.device.read_records(pending.unique_addrs, eng.layout.record_bytes)
     _check_records(eng, records.view(np.int64), pending.unique_addrs,
                    pending.keys[pending.cold_pos[pending.first]])
     return records
+
+
+_NO_RECORDS = np.empty((0, 0), dtype=np.uint8)
 
 
 def read_finish(eng: Engine, pending: PendingRead, records: np.ndarray):
@@ -289,40 +291,36 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
     """
     given = keys.shape[0]
     hint_keys, hints = _read_hints(eng, keys)
-    order = offsets = np.empty(0, dtype=np.int64)
+    order = offsets = NONE
     if not unique and rule not in RK.LINEAR_RULES:
         keys, inverse = BK.unique_inverse(keys)
         if keys.shape[0] < inverse.shape[0]:
             order, offsets = BK.group_positions(inverse, keys.shape[0])
-    log = eng.log
+    log, idx = eng.log, eng.index
     update_rows = UK.UPDATE_ROWS[rule]
-    # rows brought in per round: a quarter of the pool, so none is evicted before its update
-    chunk = max(1, log.n_frames // 4 * eng.layout.records_per_page)
-
-    epoch = eng.epoch
-
-    def run(pos):
-        # creating rows (upsert) on the way makes the hints unusable
-        return update_rows(
-            eng.index.slot_keys, eng.index.slot_addrs, log.words, log.vals, log.f32, log.dirty,
-            log.geo, log.marks, keys, grads, order, offsets,
-            *((hint_keys, hints) if eng.epoch == epoch else (NO_HINTS, NO_HINTS)),
-            rule_state_dim, hyper, pos)
-
-    pos, status = run(0)          # training rows were just read: usually all in memory
-    while status != UK.DONE:
+    epoch, pos = eng.epoch, 0
+    while True:
+        if eng.epoch != epoch:   # rows were created (upserted) on the way: hints unusable
+            hint_keys = hints = NONE
+        pos, status = update_rows(
+            idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.f32, log.dirty, log.geo,
+            log.marks, keys, grads, order, offsets, hint_keys, hints, rule_state_dim, hyper,
+            pos)
+        if status == UK.DONE:     # training rows were just read: usually all in memory
+            break
         if status == UK.NO_FRAME:
             log.make_room()
-        else:                     # COLD or MISSING: bring in (or create) a chunk from here
-            ahead = keys[pos:pos + chunk]
+        else:                     # COLD or MISSING: bring in (or create) a share from here
+            # a quarter of the pool, so none is evicted before its update
+            ahead = keys[pos:pos + max(1, log.n_frames // 4 * eng.layout.records_per_page)]
             create_missing(eng, ahead, *init)
             lookahead(eng, ahead)
-        pos, status = run(pos)
     log.shift_read_only()
     return given
 
 
-NO_HINTS = np.empty(0, dtype=np.int64)
+#: an empty int64 vector, for no hints and no groups
+NONE = np.empty(0, dtype=np.int64)
 
 
 def _read_hints(eng: Engine, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -332,5 +330,5 @@ def _read_hints(eng: Engine, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     read's (comparing there costs nothing; comparing the arrays here cost 2.5 µs a batch)."""
     last = eng.last_read
     if last is None or last[2] != eng.epoch or last[0].shape[0] != keys.shape[0]:
-        return NO_HINTS, NO_HINTS
+        return NONE, NONE
     return last[0], last[1]
