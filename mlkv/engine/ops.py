@@ -78,7 +78,7 @@ def _run(eng: Engine, step) -> None:
     eng.log.shift_read_only()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class PendingRead:
     """A read between its passes: what the resident pass found, and the rows it left on disk."""
 
@@ -106,13 +106,22 @@ def read(eng: Engine, keys: np.ndarray, want_values: bool = True, policy_code: i
     The store runs all three under its lock, except for a lookahead: its disk reads (2) run
     without it, so other threads go on meanwhile (see :meth:`mlkv.Store.lookahead`).
     """
+    pending = _read(eng, keys, want_values, policy_code)
+    return pending.out, pending.addrs
+
+
+def _read(eng: Engine, keys: np.ndarray, want_values: bool = True,
+          policy_code: int | None = None) -> PendingRead:
+    """:func:`read`'s three steps, all done: the read's values, addresses and counts."""
     pending = read_resident(eng, keys, want_values, policy_code)
-    return read_finish(eng, pending, read_disk(eng, pending))
+    if pending.cold_pos.shape[0]:
+        read_finish(eng, pending, read_disk(eng, pending))
+    return pending
 
 
 def read_resident(eng: Engine, keys: np.ndarray, want_values: bool = True,
                   policy_code: int | None = None) -> PendingRead:
-    """Step 1 of :func:`read`."""
+    """Step 1 of :func:`read`; counts the read's hits and misses."""
     log, idx = eng.log, eng.index
     policy = eng.policy.code if policy_code is None else policy_code
     n = keys.shape[0]
@@ -130,6 +139,9 @@ def read_resident(eng: Engine, keys: np.ndarray, want_values: bool = True,
             break
         log.make_room()
     log.shift_read_only()
+    eng.policy.after_reads(n)
+    eng.counts["misses"] += n_cold
+    eng.counts["hits"] += n - n_cold - n_absent          # absent: neither a hit nor a miss
     cold_pos = cold_pos[:n_cold]
     if n_cold:
         unique_addrs, first, rec_index = np.unique(addrs[cold_pos], return_index=True,
@@ -153,27 +165,25 @@ def read_disk(eng: Engine, pending: PendingRead) -> np.ndarray:
 _NO_RECORDS = np.empty((0, 0), dtype=np.uint8)
 
 
-def read_finish(eng: Engine, pending: PendingRead, records: np.ndarray):
-    """Step 3 of :func:`read`; returns its ``(values, addresses)``."""
+def read_finish(eng: Engine, pending: PendingRead, records: np.ndarray) -> None:
+    """Step 3 of :func:`read`: the rows read from disk (``records``) copied out, and to the
+    tail where the policy admits; nothing to do when none was on disk."""
     log, idx, p = eng.log, eng.index, pending
-    n, n_cold = p.keys.shape[0], p.cold_pos.shape[0]
-    if n_cold:
-        cold_addrs = p.addrs[p.cold_pos]
-        rec_words, rec_vals = records.view(np.int64), records.view(kernel_dtype(eng.dtype))
-        out_bits = p.out.view(kernel_dtype(eng.dtype))
+    n_cold = p.cold_pos.shape[0]
+    if not n_cold:
+        return
+    cold_addrs = p.addrs[p.cold_pos]
+    rec_words, rec_vals = records.view(np.int64), records.view(kernel_dtype(eng.dtype))
+    out_bits = p.out.view(kernel_dtype(eng.dtype))
 
-        def finish(pos):
-            pos = K.finish_cold(
-                idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo, log.marks,
-                p.keys, p.cold_pos, cold_addrs, rec_words, rec_vals, p.rec_index, pos,
-                p.want_values, out_bits, p.policy, eng.policy.counters)
-            return None if pos == n_cold else pos
+    def finish(pos):
+        pos = K.finish_cold(
+            idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo, log.marks,
+            p.keys, p.cold_pos, cold_addrs, rec_words, rec_vals, p.rec_index, pos,
+            p.want_values, out_bits, p.policy, eng.policy.counters)
+        return None if pos == n_cold else pos
 
-        _run(eng, finish)
-    eng.policy.after_reads(n)
-    eng.counts["misses"] += n_cold
-    eng.counts["hits"] += n - n_cold - p.n_absent          # absent: neither a hit nor a miss
-    return p.out, p.addrs
+    _run(eng, finish)
 
 
 def _check_records(eng: Engine, rec_words, addrs, keys) -> None:
@@ -225,8 +235,8 @@ def delete(eng: Engine, keys: np.ndarray) -> int:
 def read_or_init(eng: Engine, keys: np.ndarray, init) -> tuple[np.ndarray, int]:
     """Values of ``keys``, absent ones first created with ``init = (kind, scale, seed)``;
     and how many were created. Reads first: in training nearly every row exists."""
-    pending = read_resident(eng, keys)
-    out, addrs = read_finish(eng, pending, read_disk(eng, pending))
+    pending = _read(eng, keys)
+    out, addrs = pending.out, pending.addrs
     created = 0
     if pending.n_absent:
         missing = addrs < 0
