@@ -93,7 +93,9 @@ def lookup(module, ids: torch.Tensor) -> torch.Tensor:
     distinct rows and gathering them into the output in a second pass.
     """
     flat = flat_ids(ids)
-    out = module._read_rows(flat).reshape(*ids.shape, module.dim)
+    out = module._read_rows(flat)
+    if ids.dim() != 1:
+        out = out.reshape(*ids.shape, module.dim)
     if torch.is_grad_enabled():
         result = Lookup.apply(_ANCHOR, module, flat, out)
     else:
@@ -130,7 +132,8 @@ def flat_ids(ids: torch.Tensor) -> np.ndarray:
     """``ids`` as a flat, contiguous int64 numpy vector on the CPU."""
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)
-    return np.ascontiguousarray(cpu_numpy(ids).reshape(-1))
+    # an integer tensor never requires grad: on the CPU, numpy() shares its memory
+    return np.ascontiguousarray((ids.numpy() if ids.is_cpu else ids.cpu().numpy()).reshape(-1))
 
 
 def cpu_numpy(tensor: torch.Tensor) -> np.ndarray:
