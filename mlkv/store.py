@@ -204,9 +204,9 @@ class Store:
         float16 stores cannot be trained. ``unique=True``: the caller knows the keys are
         distinct, and the search for repeats is skipped.
         """
-        keys = inputs.as_keys(keys)
-        grads = inputs.as_values(grads, keys.shape[0], self.dim, self.dtype)
-        code, need, hyper = rules.check_update(rule, hyper, self.dim, self.dtype, self.state_dim)
+        keys, s = inputs.as_keys(keys), self.settings
+        grads = inputs.as_values(grads, keys.shape[0], s.dim, s.np_dtype)
+        code, need, hyper = rules.check_update(rule, hyper, s.dim, s.np_dtype, s.state_dim)
         with self._op(write=True):
             self._counts["updates"] += ops.update(self._engine, keys, grads, code, need, hyper,
                                                   self._init, unique)

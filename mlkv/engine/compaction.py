@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..progress import Progress
+from . import _log_kernels as K
 from . import checkpoint, ops
 
 #: index slots scanned at a time, and keys moved per read-and-copy batch: both bound the
@@ -32,9 +33,10 @@ BATCH_KEYS = 1 << 14
 
 def due(eng: ops.Engine, share: float) -> bool:
     """Whether dead records are more than ``share`` of the log and a segment could be freed."""
-    segment_bits = eng.layout.segment_bits
-    # the segment test first: it is cheaper, and false while the log fits in memory
-    return ((eng.log.head >> segment_bits) > (eng.log.begin >> segment_bits)
+    segment_bits, mark = eng.layout.segment_bits, eng.log.mark
+    # the segment test first: it is cheaper, and false while the log fits in memory (this
+    # runs after every write)
+    return ((mark[K.M_HEAD] >> segment_bits) > (mark[K.M_BEGIN] >> segment_bits)
             and ops.dead_fraction(eng) > share)
 
 
