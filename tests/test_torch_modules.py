@@ -631,6 +631,24 @@ def test_the_shared_autograd_anchor_never_gets_a_gradient(make):
     assert list(emb.parameters()) == [] and list(bag.parameters()) == []
 
 
+def test_lookups_use_torchs_apply_inside_torch_func_transforms():
+    """Lookups call torch's C++ ``apply`` directly, skipping ``Function.apply``'s Python
+    wrapper; inside a torch.func transform they must go through the wrapper, which handles
+    (or refuses, with its own message) Functions there."""
+    from mlkv.frameworks.torch import _autograd as A
+    chosen = []
+
+    def f(x):
+        chosen.append((A._apply(A.Lookup, A._LOOKUP_APPLY),
+                       A._apply(A.StoreRows, A._STORE_ROWS_APPLY)))
+        return x.sum()
+
+    torch.func.grad(f)(torch.ones(2))
+    assert chosen == [(A.Lookup.apply, A.StoreRows.apply)]
+    assert A._apply(A.Lookup, A._LOOKUP_APPLY) is A._LOOKUP_APPLY
+    assert A._apply(A.StoreRows, A._STORE_ROWS_APPLY) is A._STORE_ROWS_APPLY
+
+
 def test_bag_with_padding_matches_torch_whether_or_not_the_batch_holds_the_padding_id(make):
     """The bag always hands torch a padding row (torch's kernel sums in another order without
     one); a read-only store that lacks the padding row still serves bags without it."""
