@@ -20,7 +20,8 @@ allocation succeeded, so a stop leaves no half-written key.
 import numpy as np
 
 from .._jit import inline_kernel, kernel, prefetch, prefetch_for_write
-from ._index_kernels import find_slot, find_slot_from, home_slot, mix64, remove_slot
+from ._index_kernels import (PREFETCH_DISTANCE, _first_homes, _probe_ahead, find_slot,
+                             find_slots, mix64, remove_slot)
 from .layout import FLAG_TOMBSTONE, FLAG_VALID, FLAGS_SHIFT
 
 # geometry. Value and state positions are counted in elements of the views that hold them
@@ -35,14 +36,6 @@ N_MARKS = 6
 
 
 POLICY_FIFO, POLICY_SECOND_CHANCE, POLICY_FREQUENCY = 0, 1, 2
-#: how many keys ahead the batched kernels prefetch index slots and records. A row's work is a
-#: few nanoseconds and a miss to DRAM costs 100 or more, so the prefetch must run dozens of rows
-#: ahead: copying 4,096 random rows of a 70 MB log out took 91 µs prefetching 8 ahead, 62 µs at
-#: 16 and 45 µs at 32 to 64 (the probe: 38 µs at 8, 33-34 µs from 16 on). With 8, a whole
-#: sgd training step ran 20% slower (2 vCPUs AMD EPYC; see bench/README.md, run 9).
-PREFETCH_DISTANCE = 32
-_HOME_RING = 1 << PREFETCH_DISTANCE.bit_length()    # a power of two above it
-_HOME_MASK = _HOME_RING - 1
 FREQUENCY_THRESHOLD = 2
 #: read_resident's mark of a key its first loop leaves to the second
 _LATER = -2
@@ -137,50 +130,6 @@ def _copy_values_out(vals, frame, first, out, i):
     u = np.uint64(first)
     for j in range(out.shape[1]):
         out[i, j] = row[u + np.uint64(j)]
-
-
-@inline_kernel
-def _first_homes(slot_keys, keys):
-    """The ring :func:`_probe_ahead` keeps home slots in, holding those of the first keys.
-    Each key is hashed once, for its prefetch, and its home kept for its probe (hashing twice
-    cost 5 µs a batch of 4,096)."""
-    homes = np.empty(_HOME_RING, dtype=np.int64)
-    for i in range(min(PREFETCH_DISTANCE, keys.shape[0])):
-        homes[i & _HOME_MASK] = home_slot(keys[i], slot_keys.shape[0])
-    return homes
-
-
-@inline_kernel
-def _probe_ahead(slot_keys, slot_addrs, keys, i, homes):
-    """``find_slot(keys[i])``, after prefetching the home slot of the key a few ahead, for a
-    loop over all of ``keys`` from 0 (``homes = _first_homes(slot_keys, keys)``).
-
-    Callers resuming at a position hand views of their arrays from there: a loop from a
-    ``start`` that is not a constant ran 5 µs slower a batch of 4,096 keys."""
-    ahead = i + PREFETCH_DISTANCE
-    if ahead < keys.shape[0]:
-        h = home_slot(keys[ahead], slot_keys.shape[0])
-        homes[ahead & _HOME_MASK] = h
-        prefetch(slot_keys, h)
-        prefetch(slot_addrs, h)
-    return find_slot_from(slot_keys, slot_addrs, keys[i], homes[i & _HOME_MASK])
-
-
-@kernel
-def find_slots(slot_keys, slot_addrs, keys, start, addrs):
-    """``find_slot`` for ``keys[start:]``, prefetching home slots a few keys ahead.
-
-    Returns the slots (negative for absent keys, as ``find_slot``) and sets ``addrs[i]`` to
-    each key's address then (-1 if absent), read while its index line is in cache.
-    """
-    keys, addrs = keys[start:], addrs[start:]
-    slots = np.empty(keys.shape[0], dtype=np.int64)
-    homes = _first_homes(slot_keys, keys)
-    for i in range(keys.shape[0]):
-        s = _probe_ahead(slot_keys, slot_addrs, keys, i, homes)
-        slots[i] = s
-        addrs[i] = slot_addrs[s] if s >= 0 else -1
-    return slots
 
 
 @kernel

@@ -61,7 +61,7 @@ def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, o
     origin = _ring_origin(geo, head)
     hinted = hints.shape[0] > 0
     grouped = offsets.shape[0] > 0
-    # views from start, indexed from 0 (see _log_kernels._probe_ahead); hints are per
+    # views from start, indexed from 0 (see _index_kernels._probe_ahead); hints are per
     # position of the batch, found through order when grouped
     keys = keys[start:]
     if grouped:
