@@ -147,8 +147,7 @@ def flat_ids(ids: torch.Tensor) -> np.ndarray:
     """``ids`` as a flat, contiguous int64 numpy vector on the CPU."""
     if ids.dtype != torch.int64:
         ids = ids.to(torch.int64)
-    # an integer tensor never requires grad: on the CPU, numpy() shares its memory
-    return np.ascontiguousarray((ids.numpy() if ids.is_cpu else ids.cpu().numpy()).reshape(-1))
+    return np.ascontiguousarray(cpu_numpy(ids).reshape(-1))
 
 
 def cpu_numpy(tensor: torch.Tensor) -> np.ndarray:
