@@ -245,7 +245,7 @@ def test_assign_batch_with_duplicates_and_lookup_counts():
 
 @pytest.mark.parametrize("start", [0, 5, 40])
 def test_find_slots_against_reference(start):
-    """The batched ``find_slot`` of the log kernels (it prefetches ahead): for
+    """The batched ``find_slot`` (it prefetches ahead), which the log kernels probe with: for
     ``keys[start:]`` the slots ``find_slot`` gives and, in ``addrs``, each key's address or
     -1; positions before ``start`` are left alone."""
     cap = 64
@@ -260,9 +260,9 @@ def test_find_slots_against_reference(start):
     keys = np.array(pool + present + rng.integers(I64_MIN, I64_MAX, 10, dtype=np.int64)
                     .tolist(), np.int64)
     keys = np.tile(keys, 2)[rng.permutation(2 * keys.shape[0])]   # repeats too
-    assert keys.shape[0] > start + LK.PREFETCH_DISTANCE
+    assert keys.shape[0] > start + IK.PREFETCH_DISTANCE
     addrs = np.full(keys.shape[0], 12345, np.int64)
-    slots = LK.find_slots(sk, sa, keys, start, addrs)
+    slots = IK.find_slots(sk, sa, keys, start, addrs)
     assert slots.tolist() == [ref.find(k) for k in keys[start:].tolist()]
     assert addrs[start:].tolist() == [ref.get(k) for k in keys[start:].tolist()]
     assert (addrs[:start] == 12345).all()
