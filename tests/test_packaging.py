@@ -1,5 +1,6 @@
 """What a user gets from the package itself: no torch at import, a usable Numba cache dir."""
 
+import json
 import os
 import subprocess
 import sys
@@ -34,3 +35,56 @@ def test_mlkv_cache_dir_is_honoured(tmp_path):
     env["MLKV_CACHE_DIR"] = str(tmp_path / "kernels")
     assert _run("import mlkv._jit as j; print(j.numba_cache_dir())", env) == str(
         tmp_path / "kernels")
+
+
+_TRAIN_AND_LIST_CACHE_MISSES = """
+import importlib, json, pkgutil, tempfile
+import numba, torch
+import mlkv, mlkv.engine
+from mlkv.frameworks.torch import KVEmbedding, KVEmbeddingBag
+root = tempfile.mkdtemp()
+ids = torch.tensor([3, 1, 3, 7, 1, 3])
+for optimizer in ("sgd", "adagrad", "rowwise_adagrad", "adam"):
+    for fused in (True, False):
+        emb = KVEmbedding(4, path=f"{root}/{optimizer}{fused}", optimizer=optimizer, lr=0.1,
+                          fused=fused)
+        emb(ids).sum().backward()
+        emb.step()
+        emb.close()
+bag = KVEmbeddingBag(4, path=f"{root}/bag", optimizer="adagrad", lr=0.1)
+bag(ids.reshape(2, 3)).sum().backward()
+bag.close()
+store = mlkv.open(f"{root}/store", dim=2)
+store.put([1, 2], [[1.0, 2.0], [3.0, 4.0]])
+store.get([1, 2])
+store.delete([1])
+store.close()
+found = {"misses": {}, "hits": {}}
+for info in pkgutil.iter_modules(mlkv.engine.__path__):
+    if info.name.endswith("_kernels"):
+        module = importlib.import_module("mlkv.engine." + info.name)
+        for name, value in vars(module).items():
+            for f in value if isinstance(value, tuple) else (value,):
+                if isinstance(f, numba.core.dispatcher.Dispatcher):
+                    for kind in ("misses", "hits"):
+                        n = sum(getattr(f.stats, "cache_" + kind).values())
+                        if n:
+                            key = info.name + "." + name
+                            found[kind][key] = found[kind].get(key, 0) + n
+print(json.dumps(found))
+"""
+
+
+def test_a_new_process_finds_every_training_kernel_in_the_cache(tmp_path):
+    """The second process to train finds all its kernels in Numba's disk cache: none compiles
+    again (a kernel that did cost seconds at every first step in a notebook)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "kernels"))
+    for run in range(2):                                    # the first fills the cache
+        done = subprocess.run([sys.executable, "-c", _TRAIN_AND_LIST_CACHE_MISSES], env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["misses"] == {}
+    # the kernels of every step ran, from the cache
+    assert {"_update_kernels.UPDATE_ROWS", "_log_kernels.read_resident",
+            "_log_kernels.write_rows"} <= set(found["hits"])

@@ -12,7 +12,8 @@ from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
                            _frame_word, _prefetch_span, _ring_origin, allocate, find_slots,
                            move_record)
 from ._index_kernels import find_slot
-from ._rule_kernels import RULES, apply_rule
+from ._rule_kernels import (RULE_ADAGRAD, RULE_ADAM, RULE_ROWWISE_ADAGRAD, RULE_SGD, RULES,
+                            apply_rule)
 
 #: why :func:`update_rows` stopped before the end of the batch
 DONE, NO_FRAME, COLD, MISSING = range(4)
@@ -99,12 +100,13 @@ def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, o
     return at, start + n, DONE
 
 
-def _update_rows_for(rule):
-    """The kernel below with update rule ``rule`` fixed when it compiles (see UPDATE_ROWS).
+def _row_loops_for(rule):
+    """``(apply_each, apply_summed)``: :func:`update_rows`'s two row loops (a gradient row per
+    record, or the sum of several) with update rule ``rule`` fixed when they compile.
 
-    Its two row loops (a gradient row per record, or the sum of several) are compiled apart,
-    each with the one inlined rule it runs: with both in one loop body, the sgd loop ran 1.6x
-    slower (154 µs against 96 µs for 4,096 rows in cache).
+    They are compiled apart from ``update_rows``, each with the one inlined rule it runs: with
+    both in one loop body, the sgd loop ran 1.6x slower (154 µs against 96 µs for 4,096 rows
+    in cache).
     """
 
     @kernel
@@ -142,6 +144,56 @@ def _update_rows_for(rule):
                 _sum_positions(grads, order, first, last, summed)
                 apply_rule(rule, values, state, summed, hyper)
 
+    return apply_each, apply_summed
+
+
+#: the row loops of each rule, named: ``update_rows`` reaches them as globals (see
+#: :func:`_apply_each`)
+(_each_sgd, _summed_sgd), (_each_adagrad, _summed_adagrad), \
+    (_each_rowwise_adagrad, _summed_rowwise_adagrad), (_each_adam, _summed_adam) = \
+    (_row_loops_for(rule) for rule in (RULE_SGD, RULE_ADAGRAD, RULE_ROWWISE_ADAGRAD, RULE_ADAM))
+
+
+@inline_kernel
+def _apply_each(rule, words, vals, f32, geo, at, grads, rule_state_dim, hyper):
+    """``apply_each`` of ``rule``, a constant where this is inlined: Numba prunes the other
+    rules' branches before it compiles anything.
+
+    Not a tuple of kernels, nor kernels in ``update_rows``'s closure: Numba types a tuple of
+    kernels as first-class functions (experimental, called through pointers), and the disk
+    cache never finds a kernel whose closure holds kernels (its key hashes the closure's
+    contents, and a kernel pickles with an id new in every process), so every process
+    compiled ``update_rows`` again: 2.7 s at its first backward.
+    """
+    if rule == RULE_SGD:
+        _each_sgd(words, vals, f32, geo, at, grads, rule_state_dim, hyper)
+    elif rule == RULE_ADAGRAD:
+        _each_adagrad(words, vals, f32, geo, at, grads, rule_state_dim, hyper)
+    elif rule == RULE_ROWWISE_ADAGRAD:
+        _each_rowwise_adagrad(words, vals, f32, geo, at, grads, rule_state_dim, hyper)
+    else:
+        _each_adam(words, vals, f32, geo, at, grads, rule_state_dim, hyper)
+
+
+@inline_kernel
+def _apply_summed(rule, words, vals, f32, geo, at, grads, order, offsets, rule_state_dim,
+                  hyper):
+    """``apply_summed`` of ``rule`` (see :func:`_apply_each`)."""
+    if rule == RULE_SGD:
+        _summed_sgd(words, vals, f32, geo, at, grads, order, offsets, rule_state_dim, hyper)
+    elif rule == RULE_ADAGRAD:
+        _summed_adagrad(words, vals, f32, geo, at, grads, order, offsets, rule_state_dim, hyper)
+    elif rule == RULE_ROWWISE_ADAGRAD:
+        _summed_rowwise_adagrad(words, vals, f32, geo, at, grads, order, offsets,
+                                rule_state_dim, hyper)
+    else:
+        _summed_adam(words, vals, f32, geo, at, grads, order, offsets, rule_state_dim, hyper)
+
+
+def _update_rows_for(rule):
+    """The kernel below with update rule ``rule`` fixed when it compiles (see UPDATE_ROWS);
+    its closure holds ``rule`` alone (see :func:`_apply_each`)."""
+
     @kernel
     def update_rows(slot_keys, slot_addrs, words, vals, f32, dirty, geo, marks, keys, grads,
                     order, offsets, hint_keys, hints, rule_state_dim, hyper, start):
@@ -167,11 +219,11 @@ def _update_rows_for(rule):
         at, stop, status = _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys,
                                         order, offsets, hint_keys, hints, start)
         if offsets.shape[0] == 0:
-            apply_each(words, vals, f32, geo, at[:stop - start], grads[start:stop],
-                       rule_state_dim, hyper)
+            _apply_each(rule, words, vals, f32, geo, at[:stop - start], grads[start:stop],
+                        rule_state_dim, hyper)
         else:
-            apply_summed(words, vals, f32, geo, at[:stop - start], grads, order,
-                         offsets[start:stop + 1], rule_state_dim, hyper)
+            _apply_summed(rule, words, vals, f32, geo, at[:stop - start], grads, order,
+                          offsets[start:stop + 1], rule_state_dim, hyper)
         return stop, status
 
     return update_rows
