@@ -48,6 +48,7 @@ def summarize(benchmarks: list) -> dict:
         st = b.get("stats") or {}
         if info.get("scenario") == "startup":
             startup.append({"system": info.get("system"), "cache": info.get("cache"),
+                            "op": info.get("op", "first_get"),
                             "median_s": st.get("median"), "mean_s": st.get("mean"),
                             "min_s": st.get("min"), "max_s": st.get("max"),
                             "rounds": st.get("rounds")})
@@ -81,7 +82,8 @@ def summarize(benchmarks: list) -> dict:
                             else bool(entry["ratio"] >= target))
             ratios.append(entry)
     for s in startup:
-        target = STARTUP_TARGET_S.get(s["cache"]) if s["system"] == "mlkv" else None
+        target = (STARTUP_TARGET_S.get(s["cache"])
+                  if s["system"] == "mlkv" and s["op"] == "first_get" else None)
         s["target_s"] = target
         s["met"] = (None if target is None or s["median_s"] is None
                     else bool(s["median_s"] < target))
@@ -185,16 +187,19 @@ def markdown(summary: dict) -> str:
                         _fmt_ratio(ceiling and ceiling["ratio"]) if mine else ""))
         out.append("")
     if summary["startup"]:
-        out += ["### Fresh process to first `get` answered", "",
-                "| what | Numba cache | median s | min s | max s | rounds | target | met |",
-                "|---|---|---:|---:|---:|---:|---:|:---:|"]
+        out += ["### Fresh process to first answer", "",
+                "Until: `first_get`, a `get` of 4,096 rows from disk answered; `first_step_*`, "
+                "one training step of a new `KVEmbedding` with that optimizer done (torch "
+                "imported); floors, the import alone.", "",
+                "| what | until | Numba cache | median s | min s | max s | rounds | target | met |",
+                "|---|---|---|---:|---:|---:|---:|---:|:---:|"]
 
         def fmt(v):
             return "-" if v is None else f"{v:.2f}"
 
         for s in summary["startup"]:
-            out.append("| {} | {} | {} | {} | {} | {} | {} | {} |".format(
-                s["system"], s["cache"] or "-", fmt(s["median_s"]), fmt(s["min_s"]),
+            out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+                s["system"], "import" if s["system"] != "mlkv" else s["op"], s["cache"] or "-", fmt(s["median_s"]), fmt(s["min_s"]),
                 fmt(s["max_s"]), s["rounds"] or "-",
                 f"< {s['target_s']:g} s" if s["target_s"] else "",
                 ("yes" if s["met"] else "**no**") if s["met"] is not None else ""))

@@ -1,4 +1,4 @@
-"""Time from a fresh process to the first ``get`` answered.
+"""Time from a fresh process to the first ``get`` answered, and to the first training step.
 
 Each round starts ``python -c "import mlkv; s = mlkv.open(path); s.get(keys); print(...)"``
 on a store built beforehand (``MLKV_BENCH_STARTUP_ROWS`` rows of 64 float32, closed, so the
@@ -7,7 +7,13 @@ on a store built beforehand (``MLKV_BENCH_STARTUP_ROWS`` rows of 64 float32, clo
 - ``warm``: ``NUMBA_CACHE_DIR`` is a directory an untimed warm-up round has filled;
 - ``cold``: ``NUMBA_CACHE_DIR`` is a new empty directory every round: every kernel compiles.
 
-Two floors are timed the same way for context: ``python -c "import numpy"`` and
+The first training step (``test_startup_first_step``, warm cache only) starts
+``python -c "import torch; from mlkv.frameworks.torch import KVEmbedding; ..."``, builds a
+new ``KVEmbedding`` (dim 64) with the optimizer named and times until one
+``emb(ids).backward(w)`` of 4,096 ids (its update included) is done: what a notebook's first
+training cell pays, beside the floor ``python -c "import torch"``.
+
+Floors are timed the same way for context: ``python -c "import numpy"`` and
 ``python -c "import numba"`` (what any Numba program pays before its first kernel).
 """
 
@@ -31,8 +37,19 @@ s.get(np.arange(4096, dtype=np.int64) * 7919 % int(sys.argv[2]))
 print("ready", flush=True)
 s.close()
 """
+FIRST_STEP = """
+import sys, tempfile
+import torch
+from mlkv.frameworks.torch import KVEmbedding
+emb = KVEmbedding(64, path=tempfile.mkdtemp() + "/emb", optimizer=sys.argv[1], lr=0.01)
+ids = torch.arange(4096) * 7919 % 100003
+emb(ids).backward(torch.ones(4096, 64))
+print("ready", flush=True)
+emb.close()
+"""
 FLOORS = {"python+numpy": "import numpy\nprint('ready', flush=True)\n",
-          "python+numba": "import numba\nprint('ready', flush=True)\n"}
+          "python+numba": "import numba\nprint('ready', flush=True)\n",
+          "python+torch": "import torch\nprint('ready', flush=True)\n"}
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +110,15 @@ def test_startup_first_get(benchmark, startup_store, sizes, bench_dir, cache):
              warmup=1 if cache == "warm" else 0, tmp_root=bench_dir)
     benchlib.record(benchmark, 4096, scenario="startup", op="first_get", dist="-",
                     system="mlkv", cache=cache, rows=rows)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_startup_first_step(benchmark, sizes, bench_dir, optimizer):
+    pytest.importorskip("torch")
+    _measure(benchmark, FIRST_STEP, [optimizer], "warm", sizes.startup_rounds,
+             warmup=1, tmp_root=bench_dir)
+    benchlib.record(benchmark, 4096, scenario="startup", op=f"first_step_{optimizer}",
+                    dist="-", system="mlkv", cache="warm")
 
 
 @pytest.mark.parametrize("floor", sorted(FLOORS))
