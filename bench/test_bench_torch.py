@@ -17,7 +17,9 @@ so nothing but the embedding is timed), and the optimizer's update:
   these ids, the ceiling of the resident benchmarks applied to training.
 
 Both start from the same rows (``from_dense``), see the same id sequence and use one torch
-thread, so the ratio compares the work each does per step. Issue 4's target: mlkv at least
+thread, so the ratio compares the work each does per step (mlkv's kernels run on the calling
+thread). ``MLKV_BENCH_TORCH_THREADS=N`` gives torch N threads instead, to compare with what
+torch does with more cores. Issue 4's target: mlkv at least
 1.5x torch's steps per second.
 """
 
@@ -126,7 +128,7 @@ def _ceiling_step(table, w):
 def test_train_step(benchmark, sizes, bench_dir, system, optimizer, dist):
     n = _train_rows(sizes)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("MLKV_BENCH_TORCH_THREADS", 1)))
     weight = torch.rand(n, DIM, generator=torch.Generator().manual_seed(1)) * 0.2 - 0.1
     emb, step = _make(system, optimizer, n, weight,
                       os.path.join(bench_dir, f"train-{optimizer}-{dist}"))
