@@ -127,3 +127,103 @@ def fma(typingctx, a, b, c):
         return builder.call(fn, args)
 
     return a(a, b, c), codegen
+
+
+# ---- what kernels on two threads synchronise with (see mlkv.engine.helper) -------------------
+def _int64_vector(array) -> bool:
+    return isinstance(array, _types.Array) and array.dtype == _types.int64 and array.ndim == 1
+
+
+def _element_pointer(context, builder, signature, args):
+    array_type = signature.args[0]
+    ary = context.make_array(array_type)(context, builder, args[0])
+    index = context.cast(builder, args[1], signature.args[1], _types.intp)
+    return _cgutils.get_item_pointer(context, builder, array_type, ary, [index],
+                                     wraparound=False)
+
+
+@_intrinsic
+def load_acquire(typingctx, array, index):
+    """``array[index]`` of an int64 vector, read atomically with acquire ordering: what another
+    thread wrote before its :func:`store_release` of this value is visible after it. (A plain
+    read in a loop may be read once and kept in a register: the loop would never see a change.)
+    """
+    if not _int64_vector(array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.load_atomic(_element_pointer(context, builder, signature, args),
+                                   "acquire", 8)
+
+    return _types.int64(array, index), codegen
+
+
+@_intrinsic
+def store_release(typingctx, array, index, value):
+    """``array[index] = value`` of an int64 vector, written atomically with release ordering
+    (see :func:`load_acquire`)."""
+    if not _int64_vector(array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = context.cast(builder, args[2], signature.args[2], _types.int64)
+        builder.store_atomic(value, _element_pointer(context, builder, signature, args),
+                             "release", 8)
+        return context.get_dummy_value()
+
+    return _types.void(array, index, value), codegen
+
+
+@_intrinsic
+def compare_exchange(typingctx, array, index, expected, new):
+    """Atomically: if ``array[index] == expected``, set it to ``new`` and return True; else
+    return False (int64 vector; acquire-release ordering)."""
+    if not _int64_vector(array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        i64 = _types.int64
+        old = context.cast(builder, args[2], signature.args[2], i64)
+        new = context.cast(builder, args[3], signature.args[3], i64)
+        pair = builder.cmpxchg(_element_pointer(context, builder, signature, args), old, new,
+                               "acq_rel", "acquire")
+        return builder.extract_value(pair, 1)
+
+    return _types.boolean(array, index, expected, new), codegen
+
+
+_MACHINE = __import__("platform").machine().lower()
+
+
+@_intrinsic
+def spin_pause(typingctx):
+    """Tell the CPU this thread is spinning (x86 ``pause``, arm ``yield``; nothing elsewhere):
+    it saves power and lets a sibling hyper-thread run."""
+
+    def codegen(context, builder, signature, args):
+        void = _ir.FunctionType(_ir.VoidType(), [])
+        if _MACHINE in ("x86_64", "amd64", "i686", "x86"):
+            builder.call(builder.module.declare_intrinsic("llvm.x86.sse2.pause", [], void), [])
+        elif _MACHINE in ("aarch64", "arm64"):
+            i32 = _ir.IntType(32)
+            hint = builder.module.declare_intrinsic(
+                "llvm.aarch64.hint", [], _ir.FunctionType(_ir.VoidType(), [i32]))
+            builder.call(hint, [_ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return _types.void(), codegen
+
+
+@_intrinsic
+def pointer_to(typingctx, address, like):
+    """The int ``address`` as a pointer to ``like``'s dtype, for ``numba.carray``: how a thread
+    that was handed another thread's arrays as addresses sees them."""
+    if not isinstance(like, _types.Array):
+        return None
+    pointer = _types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        address = context.cast(builder, args[0], signature.args[0], _types.int64)
+        return builder.inttoptr(address, context.get_value_type(pointer))
+
+    return pointer(address, like), codegen

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 
 from . import config, inputs, lockfile
-from .engine import checkpoint, compaction, ops
+from .engine import checkpoint, compaction, helper, ops
 from .engine import _rule_kernels as rules
 from .engine import verify as verification
 from .engine.device import FileDevice
@@ -25,7 +25,7 @@ DEFAULT_AUTO_COMPACT = 0.5
 def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=None,
          init_scale=None, seed=None, policy=None, readonly=False, page_bits=None,
          segment_bits=None, io_threads=None, direct_io=None,
-         auto_compact=DEFAULT_AUTO_COMPACT) -> "Store":
+         auto_compact=DEFAULT_AUTO_COMPACT, threads=1) -> "Store":
     """Create or reopen the store at ``path``.
 
     Parameters
@@ -58,6 +58,12 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
     direct_io : bool, optional
         Bypass the OS page cache with ``O_DIRECT`` (default: where the file system allows).
         ``False`` uses buffered I/O and drops the pages it touched after each batch.
+    threads : {1, 2}
+        Threads that read a batch's rows in memory (default 1). With 2, a float32 store
+        shares ``get`` (and a training step's read) of 512 rows or more with the process's
+        helper thread, which then spins on a core of its own for about a millisecond, waiting
+        for the next (see :mod:`mlkv.engine.helper`). The rows read are the same. Updates and
+        writes run on the calling thread; disk reads use ``io_threads``.
 
     Returns
     -------
@@ -76,7 +82,8 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
                                        init_scale=init_scale, seed=seed, page_bits=page_bits,
                                        segment_bits=segment_bits),
                  memory_bytes=memory_bytes, policy=policy, readonly=readonly,
-                 io_threads=io_threads, direct_io=direct_io, auto_compact=auto_compact)
+                 io_threads=io_threads, direct_io=direct_io, auto_compact=auto_compact,
+                 threads=threads)
 
 
 class Store:
@@ -85,9 +92,12 @@ class Store:
     _device_class = FileDevice        # tests put a fault-injecting device here
 
     def __init__(self, path, requested, memory_bytes, policy, readonly, io_threads, direct_io,
-                 auto_compact=DEFAULT_AUTO_COMPACT):
+                 auto_compact=DEFAULT_AUTO_COMPACT, threads=1):
         if auto_compact is not None and not 0 <= auto_compact < 1:
             raise ValueError(f"auto_compact must be a share in [0, 1) or None, got {auto_compact!r}")
+        if (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                or threads not in (1, 2)):
+            raise ValueError(f"threads must be 1 or 2, got {threads!r}")
         self.auto_compact, self.path, self.readonly = auto_compact or None, path, readonly
         self._lock, self._lock_fd = threading.RLock(), None
         self._closed, self._failure = True, None
@@ -117,6 +127,9 @@ class Store:
         except BaseException:
             lockfile.release(self._lock_fd)
             raise
+        if threads == 2 and s.np_dtype == np.float32:
+            self._engine.helper = helper.helper()
+        self.threads = threads
         self.checkpoint_id = manifest.get("checkpoint_id", 0)
         #: id of the last checkpoint that changed the rows (see :meth:`checkpoint`)
         self.content_id = manifest.get("content_id", 0)

@@ -201,21 +201,42 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
 
     Three loops. The first probes the index, a few keys ahead, and finds every row in the
     mutable region, where nothing moves during a call (a training step's rows). The second
-    handles the other keys in order, if any: absent, on disk, or below ``read_only`` (moved
-    if the policy admits). The third copies the values out, prefetching rows a few ahead.
-    Finding and copying in one loop was twice as slow: the copy waited on its row while the
-    loop's other work held the CPU. Together, the first loop's leaner body and the views
-    from ``start`` (see :func:`_probe_ahead`) saved 6-8 µs a batch of 4,096 keys.
+    (:func:`resolve_later`) handles the other keys in order, if any: absent, on disk, or below
+    ``read_only`` (moved if the policy admits). The third copies the values out, prefetching
+    rows a few ahead. Finding and copying in one loop was twice as slow: the copy waited on
+    its row while the loop's other work held the CPU. Together, the first loop's leaner body
+    and the views from ``start`` (see :func:`_probe_ahead`) saved 6-8 µs a batch of 4,096
+    keys. (:func:`._pair_kernels.read_resident_pair` runs the first and third loops on two
+    threads.)
     """
     head = marks[M_HEAD]            # markers move only between kernel calls
     read_only = marks[M_READ_ONLY]
-    origin = _ring_origin(geo, head)
     n = keys.shape[0]
     # where each row's values start in the flat frames (-1: nothing to copy)
     src = np.empty(n - start, dtype=np.int64)
     later = _find_mutable_rows(slot_keys, slot_addrs, vals, geo, head, read_only, keys[start:],
                                addrs_out[start:], src)
-    stop = n
+    stop, n_cold, n_absent = resolve_later(
+        slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, start, later, src, False,
+        out, addrs_out, cold_pos, n_cold, n_absent, policy, counters)
+    if want_values:
+        _copy_rows_out(vals, src[:stop - start], out[start:stop])
+    return stop, n_cold, n_absent
+
+
+@inline_kernel
+def resolve_later(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, start, later,
+                  src, copy_now, out, addrs_out, cold_pos, n_cold, n_absent, policy,
+                  counters):
+    """The second loop of :func:`read_resident`: the ``later`` keys of ``keys[start:]`` whose
+    ``src`` is ``_LATER``, in order. Sets their ``src`` (-1 when there is nothing to copy),
+    or, with ``copy_now``, copies their values into ``out`` at once and sets ``src`` to -1
+    (when the other rows were copied already). Returns ``(position reached, n_cold,
+    n_absent)``."""
+    head = marks[M_HEAD]
+    read_only = marks[M_READ_ONLY]
+    origin = _ring_origin(geo, head)
+    stop = keys.shape[0]
     # A read inserts and removes no key. A key's address is read again from the index when
     # its turn comes, so a repeat of a key copied to the tail earlier in this loop is found
     # there.
@@ -247,9 +268,11 @@ def read_resident(slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, s
             if admit:
                 a = move_record(words, geo, origin, slot_addrs, s, a, new)
         addrs_out[i] = a
-        src[k] = _value_offset(vals, geo, origin, a)
-    if want_values:
-        _copy_rows_out(vals, src[:stop - start], out[start:stop])
+        if copy_now:
+            f, w = _frame_word(geo, origin, a)
+            _copy_values_out(vals, f, w * geo[G_VALUES_PER_WORD] + geo[G_VALUE_BASE], out, i)
+        else:
+            src[k] = _value_offset(vals, geo, origin, a)
     return stop, n_cold, n_absent
 
 

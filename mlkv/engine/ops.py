@@ -22,9 +22,11 @@ from . import _batch_kernels as BK
 from . import _checksum_kernels as CK
 from . import _init_kernels as IK
 from . import _log_kernels as K
+from . import _pair_kernels as PK
 from . import _rule_kernels as RK
 from . import _update_kernels as UK
 from .device import FileDevice
+from .helper import Helper
 from .index import HashIndex
 from .layout import RecordLayout
 from .log import HybridLog, kernel_dtype
@@ -48,6 +50,9 @@ class Engine:
     #: the last :func:`read_or_init`'s ``(keys, addresses, epoch)``, for an update of the same
     #: keys that follows (a training step): see :func:`update`
     last_read: tuple | None = None
+    #: the process's helper thread, when the store shares its reads with it (a float32
+    #: store opened with ``threads=2``)
+    helper: Helper | None = None
 
 
 def dead_fraction(eng: Engine) -> float:
@@ -124,11 +129,26 @@ def read_resident(eng: Engine, keys: np.ndarray, want_values: bool = True,
     addrs = np.empty(n, dtype=np.int64)
     cold_pos = np.empty(n, dtype=np.int64)
     pos = n_cold = n_absent = 0
+    helper = eng.helper
+    if helper is not None and not (want_values and n >= PK.PAIR_MIN_KEYS
+                                   and helper.lock.acquire(blocking=False)):
+        helper = None
     while True:
-        pos, n_cold, n_absent = K.read_resident(
-            idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.dirty, log.geo, log.marks,
-            keys, pos, want_values, out_bits, addrs, cold_pos, n_cold, n_absent, policy,
-            eng.policy.counters)
+        if helper is None:
+            pos, n_cold, n_absent = K.read_resident(
+                idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.dirty, log.geo,
+                log.marks, keys, pos, want_values, out_bits, addrs, cold_pos, n_cold, n_absent,
+                policy, eng.policy.counters)
+        else:
+            # the lock is released before any eviction: make_room may write to the disk
+            pos, n_cold, n_absent, asleep = PK.read_resident_pair(
+                helper.control, idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.dirty,
+                log.geo, log.marks, keys, pos, out_bits, addrs, cold_pos, n_cold, n_absent,
+                policy, eng.policy.counters)
+            helper.lock.release()
+            if asleep:
+                helper.wake()
+            helper = None
         if pos == n:
             break
         log.make_room()
