@@ -16,10 +16,11 @@ so nothing but the embedding is timed), and the optimizer's update:
   out, subtract ``lr * w`` row by row): what this machine's memory allows an SGD step on
   these ids, the ceiling of the resident benchmarks applied to training.
 
-Both start from the same rows (``from_dense``), see the same id sequence and use one torch
-thread, so the ratio compares the work each does per step (mlkv's kernels run on the calling
-thread). ``MLKV_BENCH_TORCH_THREADS=N`` gives torch N threads instead, to compare with what
-torch does with more cores. Issue 4's target: mlkv at least
+Both start from the same rows (``from_dense``) and see the same id sequence, with as many
+threads each: one (scenario ``train``: torch with one intra-op thread, mlkv's kernels on the
+calling thread), then two (``train2``: torch's two intra-op threads, its default on a
+2-core machine, and ``KVEmbedding(threads=2)``, whose reads share the batch with mlkv's
+helper thread). Issue 4's target: mlkv at least
 1.5x torch's steps per second.
 """
 
@@ -46,7 +47,7 @@ def _train_rows(sizes) -> int:
     return 1 << 12 if sizes.smoke else int(os.environ.get("MLKV_BENCH_TRAIN_ROWS", 1 << 18))
 
 
-def _make(system, optimizer, n, weight, path):
+def _make(system, optimizer, n, weight, path, n_threads=1):
     """A module and its step function (forward, backward, update) for one batch of ids."""
     w = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(3))
     if system == "dense":
@@ -74,7 +75,7 @@ def _make(system, optimizer, n, weight, path):
     else:
         # records: 16 B header + 256 B values + state (up to 512 B for adam), all in memory
         emb = KVEmbedding(DIM, path=path, optimizer=optimizer, lr=LR,
-                          memory_bytes=max(64 << 20, n * 1024), page_bits=20)
+                          memory_bytes=max(64 << 20, n * 1024), page_bits=20, threads=n_threads)
         emb.from_dense(weight)
 
         def after():
@@ -124,14 +125,15 @@ def _ceiling_step(table, w):
 
 
 @pytest.mark.parametrize("dist", DISTS)
-@pytest.mark.parametrize("system, optimizer", CASES)
-def test_train_step(benchmark, sizes, bench_dir, system, optimizer, dist):
+@pytest.mark.parametrize("system, optimizer, n_threads", [c + (1,) for c in CASES] + [
+    (system, optimizer, 2) for optimizer in OPTIMIZERS for system in ("torch", "mlkv")])
+def test_train_step(benchmark, sizes, bench_dir, system, optimizer, n_threads, dist):
     n = _train_rows(sizes)
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("MLKV_BENCH_TORCH_THREADS", 1)))
+    torch.set_num_threads(n_threads)
     weight = torch.rand(n, DIM, generator=torch.Generator().manual_seed(1)) * 0.2 - 0.1
     emb, step = _make(system, optimizer, n, weight,
-                      os.path.join(bench_dir, f"train-{optimizer}-{dist}"))
+                      os.path.join(bench_dir, f"train{n_threads}-{optimizer}-{dist}"), n_threads)
     rounds = benchlib.Rounds(dist, n, sizes.resident_batches, seed=200 + DISTS.index(dist))
     cpu = benchlib.CpuClock()
     warmup = 0 if sizes.smoke else 1
@@ -151,7 +153,8 @@ def test_train_step(benchmark, sizes, bench_dir, system, optimizer, dist):
             st = emb.store.stats()
             extra = {"mlkv_misses": st["misses"], "memory_bytes": st["memory_bytes"]}
         benchlib.record(benchmark, rounds.rows_per_round, cpu=cpu, warmup=warmup,
-                        scenario="train", op=optimizer, dist=dist, system=system, rows=n,
+                        scenario="train" if n_threads == 1 else f"train{n_threads}",
+                        op=optimizer, dist=dist, system=system, rows=n, threads=n_threads,
                         **extra)
     finally:
         torch.set_num_threads(threads)
