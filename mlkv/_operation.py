@@ -8,6 +8,7 @@ later call fails until the store is reopened at its last checkpoint.
 
 from __future__ import annotations
 
+from .engine.ops import finish_update
 from .errors import ClosedStoreError, DeviceError, ReadOnlyError
 
 
@@ -32,7 +33,15 @@ class Operation:
         elif self.write and s.readonly:
             error = ReadOnlyError(f"store at {s.path!r} is open read-only")
         else:
-            return s._engine
+            eng = s._engine
+            if eng.pending is None:
+                return eng
+            try:                 # an update left to the helper thread: finish it first
+                finish_update(eng)
+                return eng
+            except BaseException as exc:
+                self.__exit__(type(exc), exc, None)
+                raise
         s._lock.release()
         raise error
 

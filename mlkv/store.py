@@ -158,6 +158,9 @@ class Store:
     @property
     def engine(self) -> ops.Engine:
         """The engine's parts (index, log, device): for tools and tests, not a stable API."""
+        with self._lock:
+            if self._engine is not None and self._engine.pending is not None:
+                ops.finish_update(self._engine)
         return self._engine
 
     # ---- rows -----------------------------------------------------------------------------
@@ -205,7 +208,8 @@ class Store:
             self._maybe_compact()
         return out
 
-    def update(self, keys, grads, rule: str, hyper, unique: bool = False) -> None:
+    def update(self, keys, grads, rule: str, hyper, unique: bool = False,
+               wait: bool = True) -> None:
         """Fused optimizer step: apply update ``rule`` to the rows of ``keys``.
 
         ``grads`` is ``[n, dim]`` in the store's dtype; the gradients of a repeated key are
@@ -215,14 +219,17 @@ class Store:
         mutable. ``rule`` and ``hyper`` (the float64 options vector) are described in
         :mod:`mlkv.engine._rule_kernels`; the store needs at least the rule's ``state_dim``.
         float16 stores cannot be trained. ``unique=True``: the caller knows the keys are
-        distinct, and the search for repeats is skipped.
+        distinct, and the search for repeats is skipped. ``wait=False`` (a store opened with
+        ``threads=2``): the update may still be running on the helper thread when this
+        returns; the store finishes it before its next call, whichever thread makes it. The
+        caller must not change ``keys`` or ``grads`` until then.
         """
         keys, s = inputs.as_keys(keys), self.settings
         grads = inputs.as_values(grads, keys.shape[0], s.dim, s.np_dtype)
         code, need, hyper = rules.check_update(rule, hyper, s.dim, s.np_dtype, s.state_dim)
         with self._op(write=True):
             self._counts["updates"] += ops.update(self._engine, keys, grads, code, need, hyper,
-                                                  self._init, unique)
+                                                  self._init, unique, wait)
             self._maybe_compact()
 
     def contains(self, keys) -> np.ndarray:
@@ -361,8 +368,12 @@ class Store:
                 if checkpoint and not self.readonly and self._failure is None:
                     self.checkpoint()
             finally:
-                self._closed = True
-                self._engine.device.close()
+                try:
+                    if self._engine.pending is not None:
+                        ops.finish_update(self._engine)
+                finally:
+                    self._closed = True
+                    self._engine.device.close()
                 lockfile.release(self._lock_fd)
                 self._engine = self._lock_fd = None    # frees the buffer pool and index now
 

@@ -195,3 +195,63 @@ def test_training_with_threads_2_gives_the_numbers_of_one_thread(tmp_path, awake
     assert awake_helper.control[PK.DONE] > done
     ids = torch.arange(3000)
     torch.testing.assert_close(embs[0](ids), embs[1](ids), rtol=0, atol=0)
+
+
+def _hyper(rule, step):
+    from mlkv.engine._rule_kernels import hyper_vector
+    return hyper_vector(rule, 0.1, step=step)
+
+
+@pytest.mark.parametrize("rule", ["sgd", "adagrad", "adam"])
+def test_an_update_left_to_the_helper_is_finished_by_the_next_call(tmp_path, awake_helper,
+                                                                     rule):
+    """``update(wait=False)`` returns with the update on the helper; whatever call comes
+    next (a read, a write, stats, a checkpoint, from another thread) sees it done. A pool of
+    16 pages of 4 KiB leaves most rows on disk, so the helper stops early and the next call
+    does the rest (evictions, rows brought in, rows created)."""
+    import threading
+    rng = np.random.default_rng(3)
+    options = dict(page_bits=12, memory_bytes=16 * 4096, state_dim=2 * DIM)
+    a, b = _pair(tmp_path, **options)
+    keys = np.arange(8000, dtype=np.int64)
+    rows = rng.standard_normal((keys.shape[0], DIM))
+    for s in (a, b):
+        s.put(keys, rows)
+    nexts = [lambda s, k: s.get_or_init(k), lambda s, k: s.stats(),
+             lambda s, k: s.put(k[:3], np.zeros((3, DIM))), lambda s, k: s.checkpoint(),
+             lambda s, k: s.contains(k)]
+    for step in range(1, 26):
+        batch = rng.integers(0, 9000, 2048)
+        _same(a, b, batch)                               # a training step's read first
+        grads = rng.standard_normal((2048, DIM)).astype(np.float32)
+        a.update(batch, grads, rule, _hyper(rule, step))
+        b.update(batch, grads, rule, _hyper(rule, step), wait=False)
+        assert b._engine.pending is not None or step == 1
+        call = nexts[step % len(nexts)]
+        if step % 7 == 0:                                # the next call from another thread
+            t = threading.Thread(target=call, args=(b, batch))
+            t.start()
+            t.join()
+            call(a, batch)
+        else:
+            call(a, batch), call(b, batch)
+        assert b._engine.pending is None
+    _same(a, b, np.arange(9000))
+
+
+def test_closing_with_an_update_pending_keeps_it(tmp_path, awake_helper):
+    n = 300_000                   # an update of some milliseconds
+    keys = np.arange(n, dtype=np.int64)
+    grads = np.ones((n, DIM), np.float32)
+    for checkpoint in (True, False):
+        path = str(tmp_path / f"s{checkpoint}")
+        s = mlkv.open(path, dim=DIM, threads=2)
+        s.put(keys, np.zeros((n, DIM)))
+        s.checkpoint()
+        s.get(keys)
+        s.update(keys, grads, "sgd", _hyper("sgd", 1), wait=False)
+        s.close(checkpoint=checkpoint)
+        # nothing left running on the buffer pool the store just freed
+        assert awake_helper.control[PK.DONE] == awake_helper.control[PK.SEQ]
+        with mlkv.open(path) as s:
+            assert (s.get(keys) == (-0.1 if checkpoint else 0.0)).all()

@@ -40,17 +40,22 @@ import numpy as np
 from .._jit import (compare_exchange, inline_kernel, kernel, load_acquire, pointer_to,
                     spin_pause, store_release)
 from ._log_kernels import M_HEAD, M_READ_ONLY, _copy_rows_out, _find_mutable_rows, resolve_later
+from ._rule_kernels import RULE_ADAGRAD, RULE_ROWWISE_ADAGRAD, RULE_SGD
+from ._update_kernels import _update_adagrad, _update_adam, _update_rowwise_adagrad, _update_sgd
 
-SEQ, CLAIM, DONE, STATE, STOP, RESULT, ARGS = 0, 8, 16, 24, 32, 40, 48
-CONTROL_WORDS = 72
+SEQ, CLAIM, DONE, STATE, STOP, RESULT, STATUS, KIND, ARGS = 0, 8, 16, 24, 32, 40, 41, 42, 48
+CONTROL_WORDS = 80
 ASLEEP, AWAKE = 0, 1
+JOB_READ, JOB_UPDATE = 1, 2
 #: a batch of fewer keys is read on one thread: the helper's cache misses on lines the caller
 #: is about to use cost more than half of it
 PAIR_MIN_KEYS = 512
 
 # pointer types for rebuilding arrays from their addresses
 _F32 = np.empty(0, dtype=np.float32)
+_F64 = np.empty(0, dtype=np.float64)
 _I64 = np.empty(0, dtype=np.int64)
+_U8 = np.empty(0, dtype=np.uint8)
 
 
 @inline_kernel
@@ -80,7 +85,10 @@ def serve(control, spin_limit):
             continue
         seen = seq
         if compare_exchange(control, CLAIM, seq - 1, seq):
-            _helpers_half(control)
+            if control[KIND] == JOB_READ:
+                _helpers_half(control)
+            else:
+                _helpers_update(control)
             store_release(control, DONE, seq)
         spins = 0
     store_release(control, STATE, ASLEEP)
@@ -128,6 +136,7 @@ def read_resident_pair(control, slot_keys, slot_addrs, words, vals, dirty, geo, 
         control[a + 12] = vals.shape[1]
         control[a + 13], control[a + 14] = geo.ctypes.data, geo.shape[0]
         control[a + 15], control[a + 16] = head, read_only
+        control[KIND] = JOB_READ
         seq = control[SEQ] + 1
         store_release(control, SEQ, seq)
     mine = half if seq else n
@@ -147,3 +156,86 @@ def read_resident_pair(control, slot_keys, slot_addrs, words, vals, dirty, geo, 
         slot_keys, slot_addrs, words, vals, dirty, geo, marks, keys, start, later, src, True,
         out, addrs_out, cold_pos, n_cold, n_absent, policy, counters)
     return stop, n_cold, n_absent, load_acquire(control, STATE) != AWAKE
+
+
+# ---- a whole update, left to the helper while the caller goes on ---------------------------
+@kernel
+def post_update(control, slot_keys, slot_addrs, words, dirty, geo, marks, keys, grads, order,
+                offsets, hint_keys, hints, rule, rule_state_dim, hyper):
+    """Hand ``_update_kernels.UPDATE_ROWS[rule]`` of these arguments (from position 0, a
+    float32 store) to the helper if it is awake. Returns the job's number, or 0 (nothing
+    posted). The caller must keep every array alive and the store untouched until
+    :func:`join_update` of that number has returned."""
+    if load_acquire(control, STATE) != AWAKE:
+        return 0
+    a = ARGS
+    control[a], control[a + 1] = slot_keys.ctypes.data, slot_keys.shape[0]
+    control[a + 2] = slot_addrs.ctypes.data
+    control[a + 3], control[a + 4], control[a + 5] = words.ctypes.data, words.shape[0], \
+        words.shape[1]
+    control[a + 6], control[a + 7], control[a + 8] = dirty.ctypes.data, geo.ctypes.data, \
+        geo.shape[0]
+    control[a + 9], control[a + 10] = marks.ctypes.data, marks.shape[0]
+    control[a + 11], control[a + 12] = keys.ctypes.data, keys.shape[0]
+    control[a + 13], control[a + 14], control[a + 15] = grads.ctypes.data, grads.shape[0], \
+        grads.shape[1]
+    control[a + 16], control[a + 17] = order.ctypes.data, order.shape[0]
+    control[a + 18], control[a + 19] = offsets.ctypes.data, offsets.shape[0]
+    control[a + 20], control[a + 21] = hint_keys.ctypes.data, hint_keys.shape[0]
+    control[a + 22], control[a + 23] = hints.ctypes.data, hyper.ctypes.data
+    control[a + 24], control[a + 25], control[a + 26] = hyper.shape[0], rule, rule_state_dim
+    control[KIND] = JOB_UPDATE
+    seq = control[SEQ] + 1
+    store_release(control, SEQ, seq)
+    return seq
+
+
+@kernel
+def join_update(control, seq):
+    """Wait for update job ``seq`` to be done, doing it here if the helper never claimed it.
+    Returns ``update_rows``'s ``(position, status)``."""
+    if compare_exchange(control, CLAIM, seq - 1, seq):
+        _helpers_update(control)
+    else:
+        while load_acquire(control, DONE) != seq:
+            spin_pause()
+    return control[RESULT], control[STATUS]
+
+
+@kernel
+def _helpers_update(control):
+    """The update posted in ``control`` (see :func:`post_update`)."""
+    a = ARGS
+    slot_keys = _vector(control, a, _I64, control[a + 1])
+    slot_addrs = _vector(control, a + 2, _I64, control[a + 1])
+    frames, page_words = control[a + 4], control[a + 5]
+    words = _matrix(control, a + 3, _I64, frames, page_words)
+    vals = _matrix(control, a + 3, _F32, frames, 2 * page_words)
+    dirty = _vector(control, a + 6, _U8, frames)
+    geo = _vector(control, a + 7, _I64, control[a + 8])
+    marks = _vector(control, a + 9, _I64, control[a + 10])
+    keys = _vector(control, a + 11, _I64, control[a + 12])
+    grads = _matrix(control, a + 13, _F32, control[a + 14], control[a + 15])
+    order = _vector(control, a + 16, _I64, control[a + 17])
+    offsets = _vector(control, a + 18, _I64, control[a + 19])
+    hint_keys = _vector(control, a + 20, _I64, control[a + 21])
+    hints = _vector(control, a + 22, _I64, control[a + 21])
+    hyper = _vector(control, a + 23, _F64, control[a + 24])
+    rule, state_dim = control[a + 25], control[a + 26]
+    if rule == RULE_SGD:
+        stop, status = _update_sgd(slot_keys, slot_addrs, words, vals, vals, dirty, geo, marks,
+                                   keys, grads, order, offsets, hint_keys, hints, state_dim,
+                                   hyper, 0)
+    elif rule == RULE_ADAGRAD:
+        stop, status = _update_adagrad(slot_keys, slot_addrs, words, vals, vals, dirty, geo,
+                                       marks, keys, grads, order, offsets, hint_keys, hints,
+                                       state_dim, hyper, 0)
+    elif rule == RULE_ROWWISE_ADAGRAD:
+        stop, status = _update_rowwise_adagrad(slot_keys, slot_addrs, words, vals, vals, dirty,
+                                               geo, marks, keys, grads, order, offsets,
+                                               hint_keys, hints, state_dim, hyper, 0)
+    else:
+        stop, status = _update_adam(slot_keys, slot_addrs, words, vals, vals, dirty, geo, marks,
+                                    keys, grads, order, offsets, hint_keys, hints, state_dim,
+                                    hyper, 0)
+    control[RESULT], control[STATUS] = stop, status

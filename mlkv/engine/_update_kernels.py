@@ -233,3 +233,5 @@ def _update_rows_for(rule):
 #: so only that rule's loop is left and LLVM vectorizes it: a rule chosen at run time inside
 #: the row loop kept every rule's loops and made each row 3-5x slower.
 UPDATE_ROWS = tuple(_update_rows_for(rule) for rule in range(len(RULES)))
+#: the same, named, for kernels that call one (see ``_pair_kernels._helpers_update``)
+_update_sgd, _update_adagrad, _update_rowwise_adagrad, _update_adam = UPDATE_ROWS

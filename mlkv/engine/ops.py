@@ -50,9 +50,12 @@ class Engine:
     #: the last :func:`read_or_init`'s ``(keys, addresses, epoch)``, for an update of the same
     #: keys that follows (a training step): see :func:`update`
     last_read: tuple | None = None
-    #: the process's helper thread, when the store shares its reads with it (a float32
+    #: the process's helper thread, when the store shares its work with it (a float32
     #: store opened with ``threads=2``)
     helper: Helper | None = None
+    #: an update the helper may still be running (see :func:`update`): finished by
+    #: :func:`finish_update` before anything else touches the engine
+    pending: tuple | None = None
 
 
 def dead_fraction(eng: Engine) -> float:
@@ -297,7 +300,7 @@ def coalesce(keys: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_state_dim: int,
-           hyper: np.ndarray, init, unique: bool = False) -> int:
+           hyper: np.ndarray, init, unique: bool = False, wait: bool = True) -> int:
     """Apply an update rule to the rows of ``keys`` (see :mod:`._update_kernels`); returns
     how many keys it was given (repeats included, as ``gets`` counts them).
 
@@ -313,6 +316,12 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
     upsert, delete or compaction came since, the kernel takes the read's address of every
     position whose key is the same as a hint instead of probing the index again (see
     ``_update_kernels._locate_rows``).
+
+    ``wait=False``, with a helper thread awake (see :mod:`.helper`): the kernel pass runs on
+    the helper and this returns at once; ``eng.pending`` holds the update (its own copy of
+    the keys, and ``grads``, which the caller must not change) until :func:`finish_update`,
+    which every later store call runs first. A training step's Python then runs beside its
+    update.
     """
     given = keys.shape[0]
     hint_keys, hints = _read_hints(eng, keys)
@@ -321,9 +330,47 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
         keys, inverse = BK.unique_inverse(keys)
         if keys.shape[0] < inverse.shape[0]:
             order, offsets = BK.group_positions(inverse, keys.shape[0])
+    helper = eng.helper
+    if (not wait and helper is not None and keys.shape[0] >= PK.PAIR_MIN_KEYS
+            and helper.lock.acquire(blocking=False)):
+        if order is NONE:        # the caller's own keys: a copy the caller cannot change
+            keys = keys.copy()
+        job = (keys, grads, rule, rule_state_dim, hyper, init, order, offsets, hint_keys,
+               hints, eng.epoch)
+        log, idx = eng.log, eng.index
+        seq = PK.post_update(helper.control, idx.slot_keys, idx.slot_addrs, log.words,
+                             log.dirty, log.geo, log.marks, keys, grads, order, offsets,
+                             hint_keys, hints, rule, rule_state_dim, hyper)
+        if seq:
+            eng.pending = (helper, seq, job)
+            return given
+        helper.lock.release()
+        helper.wake()
+    _update_from(eng, (keys, grads, rule, rule_state_dim, hyper, init, order, offsets,
+                       hint_keys, hints, eng.epoch), 0)
+    return given
+
+
+def finish_update(eng: Engine) -> None:
+    """Wait for the update :func:`update` left to the helper, and do what it could not
+    (evictions, rows on disk or absent)."""
+    helper, seq, job = eng.pending
+    eng.pending = None
+    try:
+        pos, status = PK.join_update(helper.control, seq)
+    finally:
+        helper.lock.release()
+    if status == UK.DONE:
+        eng.log.shift_read_only()
+    else:
+        _update_from(eng, job, pos)
+
+
+def _update_from(eng: Engine, job: tuple, pos: int) -> None:
+    """:func:`update`'s loop, from position ``pos`` of its (grouped) keys."""
+    keys, grads, rule, rule_state_dim, hyper, init, order, offsets, hint_keys, hints, epoch = job
     log, idx = eng.log, eng.index
     update_rows = UK.UPDATE_ROWS[rule]
-    epoch, pos = eng.epoch, 0
     while True:
         if eng.epoch != epoch:   # rows were created (upserted) on the way: hints unusable
             hint_keys = hints = NONE
@@ -341,7 +388,6 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
             create_missing(eng, ahead, *init)
             lookahead(eng, ahead)
     log.shift_read_only()
-    return given
 
 
 #: an empty int64 vector, for no hints and no groups

@@ -237,7 +237,7 @@ class KVEmbedding(nn.Module):
         with self._grad_lock:
             step = self._count_step()
         if ids.shape[0]:
-            self.store.update(ids, grads, self.optimizer, self._hyper(step))
+            self.store.update(ids, grads, self.optimizer, self._hyper(step), wait=False)
 
     def _count_step(self) -> int:
         # one more optimizer step (caller holds _grad_lock); set in __dict__ directly, as
