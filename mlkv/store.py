@@ -59,11 +59,12 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
         Bypass the OS page cache with ``O_DIRECT`` (default: where the file system allows).
         ``False`` uses buffered I/O and drops the pages it touched after each batch.
     threads : {1, 2}
-        Threads that read a batch's rows in memory (default 1). With 2, a float32 store
-        shares ``get`` (and a training step's read) of 512 rows or more with the process's
-        helper thread, which then spins on a core of its own for about a millisecond, waiting
-        for the next (see :mod:`mlkv.engine.helper`). The rows read are the same. Updates and
-        writes run on the calling thread; disk reads use ``io_threads``.
+        Threads that work on a batch's rows in memory (default 1). With 2, a float32 store
+        shares reads of 512 rows or more with the process's helper thread, and
+        ``update(..., wait=False)`` runs on it while the caller goes on; the helper then
+        spins on a core of its own for about a millisecond, waiting for the next job (see
+        :mod:`mlkv.engine.helper`). The numbers are the same as with 1. Writes run on the
+        calling thread; disk reads use ``io_threads``.
 
     Returns
     -------

@@ -1,8 +1,8 @@
 """Numba kernels that share a read's rows in memory with the process's helper thread.
 
 :mod:`mlkv.engine.helper` keeps one helper thread per process. While it is awake it spins in
-:func:`serve`, a kernel that waits for a job in the control block below. :func:`read_resident_pair`
-posts the second half of its batch there, finds and copies the first half itself, then
+:func:`serve`, a kernel that waits for a job in the control block below.
+:func:`read_resident_pair` posts the second half of its batch there, finds and copies the first half itself, then
 either waits for the helper's half or, if the helper never claimed it, does it too: a batch
 never waits on a thread that is not running, and the caller's half starts at once. A hand-over
 costs about 0.3 µs; a Python ``Semaphore`` round trip cost 44 µs here, half a batch's work.
@@ -15,7 +15,10 @@ Control block: an int64 vector, each field on a cache line of its own::
     word  16  DONE    number of the last job the helper finished
     word  24  STATE   AWAKE while the helper spins in serve(), ASLEEP once it left
     word  32  STOP    1: serve() returns at once, for good
-    word  40  RESULT  what the helper's half returned (how many keys it left for later)
+    word  40  RESULT  what the helper's part returned (a read: how many keys it left for
+                      later; an update: the position reached)
+    word  41  STATUS  an update's status (``_update_kernels.DONE``, ...)
+    word  42  KIND    JOB_READ or JOB_UPDATE
     word  48+ ARGS    the job's arrays, as addresses and sizes, and its scalars
 
 The caller writes the job's words, then SEQ (release); the helper reads SEQ (acquire), claims,
@@ -29,9 +32,11 @@ left for later (absent, on disk, below ``read_only``: they may move records) are
 by the caller alone. Jobs are float32 stores' (the helper rebuilds each array from its address
 with a float32 or int64 pointer); other dtypes read on one thread.
 
-Updates are not shared: split by record so that no row is written by both threads, they ran
+An update is not split: split by record so that no row is written by both threads, it ran
 slower than on one thread (half of a step's rows were read into the other core's cache a
-moment before, and a 50 % branch on the owner of each row mispredicts).
+moment before, and a 50 % branch on the owner of each row mispredicts). Instead a whole
+update can be left to the helper (:func:`post_update`) while the caller returns to Python,
+and joined (:func:`join_update`) before the store's next call.
 """
 
 import numba

@@ -1,8 +1,9 @@
 """The process's helper thread: a second core for the rows of a batch in memory.
 
 A store opened with ``threads=2`` shares the in-memory part of its large reads with one
-helper thread, the same for every store of the process (see :mod:`._pair_kernels` for how
-the work is split and handed over). The helper spins in a
+helper thread, the same for every store of the process, and leaves it the updates it is
+allowed not to wait for (see :mod:`._pair_kernels` for how the work is split and handed
+over, and :func:`.ops.update`). The helper spins in a
 Numba kernel, holding no GIL, for about a millisecond after its last job, so the next batch
 of a training loop finds it awake; then it sleeps on an ``Event`` until a store wakes it.
 A batch that finds it asleep runs on one thread and wakes it for the next.

@@ -117,6 +117,9 @@ class KVEmbedding(nn.Module):
         Wrap this open store instead of opening ``path`` (it stays the caller's to close).
     **store_options
         Further :func:`mlkv.open` options (``policy``, ``page_bits``, ``io_threads``, ...).
+        ``threads=2`` reads each batch on two cores and runs the fused update on mlkv's
+        helper thread while backward returns (the same numbers; the module's next call waits
+        for it): do not change the gradient handed to ``backward`` in place before then.
 
     Raises
     ------
