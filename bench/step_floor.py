@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import BATCH, DIM, key_batches, per_batch_us  # noqa: E402
 
+from mlkv.engine import _index_kernels as IK  # noqa: E402
 from mlkv.engine import _log_kernels as K  # noqa: E402
 from mlkv.engine import _update_kernels as UK  # noqa: E402
 from mlkv.engine._rule_kernels import RULES, hyper_vector  # noqa: E402
@@ -169,10 +170,10 @@ def main() -> None:
         idx, log = emb.store.engine.index, emb.store.engine.log
         addrs = np.empty(BATCH, dtype=np.int64)
         parts["probe"] = per_batch_us(
-            lambda b: K.find_slots(idx.slot_keys, idx.slot_addrs, b, 0, addrs), batches)
+            lambda b: IK.find_slots(idx.slot_keys, idx.slot_addrs, b, 0, addrs), batches)
         starts = []
         for b in batches:
-            K.find_slots(idx.slot_keys, idx.slot_addrs, b, 0, addrs)
+            IK.find_slots(idx.slot_keys, idx.slot_addrs, b, 0, addrs)
             s = np.empty(BATCH, dtype=np.int64)
             _value_starts(log.vals, log.geo, log.marks[K.M_HEAD], addrs, s)
             starts.append(s)

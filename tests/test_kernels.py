@@ -24,6 +24,7 @@ from mlkv.engine import _device_kernels as DK
 from mlkv.engine import _index_kernels as IK
 from mlkv.engine import _init_kernels as INK
 from mlkv.engine import _log_kernels as LK
+from mlkv.engine import _write_kernels as WK
 from mlkv.engine import buffers, ops
 from mlkv.engine import device as device_mod
 from mlkv.engine import index as index_mod
@@ -724,13 +725,13 @@ def addr_of(eng, key) -> int:
 
 def call_write(eng, keys, values, start=0):
     idx, log = eng.index, eng.log
-    return LK.write_rows(idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.f32,
+    return WK.write_rows(idx.slot_keys, idx.slot_addrs, log.words, log.vals, log.f32,
                          log.dirty, log.geo, log.marks, keys, values, start)
 
 
 def call_delete(eng, keys, start=0):
     idx, log = eng.index, eng.log
-    return LK.delete_rows(idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo,
+    return WK.delete_rows(idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo,
                           log.marks, keys, start)
 
 

@@ -51,6 +51,16 @@ for optimizer in ("sgd", "adagrad", "rowwise_adagrad", "adam"):
         emb(ids).sum().backward()
         emb.step()
         emb.close()
+import time
+from mlkv.engine import helper as H, _pair_kernels as PK
+two = KVEmbedding(4, path=f"{root}/two", optimizer="adam", lr=0.1, threads=2)
+many = torch.arange(600) % 500
+for _ in range(3):                      # the helper thread starts at the first read
+    two(many).sum().backward()
+    started = time.monotonic()
+    while H.helper().control[PK.STATE] != PK.AWAKE and time.monotonic() < started + 10:
+        time.sleep(0.001)
+two.close()
 bag = KVEmbeddingBag(4, path=f"{root}/bag", optimizer="adagrad", lr=0.1)
 bag(ids.reshape(2, 3)).sum().backward()
 bag.close()
@@ -87,4 +97,5 @@ def test_a_new_process_finds_every_training_kernel_in_the_cache(tmp_path):
     assert found["misses"] == {}
     # the kernels of every step ran, from the cache
     assert {"_update_kernels.UPDATE_ROWS", "_log_kernels.read_resident",
-            "_log_kernels.write_rows"} <= set(found["hits"])
+            "_write_kernels.write_rows", "_pair_kernels.serve",
+            "_pair_kernels.read_resident_pair"} <= set(found["hits"])

@@ -7,11 +7,10 @@ protocol, and :mod:`mlkv.engine._rule_kernels` for the rules.
 import numpy as np
 
 from .._jit import inline_kernel, kernel
+from ._index_kernels import PREFETCH_DISTANCE, find_slot, find_slots
 from ._log_kernels import (G_DIM, G_RECORD_WORDS, G_STATE_BASE, G_VALUE_BASE,
-                           G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, PREFETCH_DISTANCE,
-                           _frame_word, _prefetch_span, _ring_origin, allocate, find_slots,
-                           move_record)
-from ._index_kernels import find_slot
+                           G_VALUES_PER_WORD, M_HEAD, M_READ_ONLY, _frame_word, _prefetch_span,
+                           _ring_origin, allocate, move_record)
 from ._rule_kernels import (RULE_ADAGRAD, RULE_ADAM, RULE_ROWWISE_ADAGRAD, RULE_SGD, RULES,
                             apply_rule)
 

@@ -25,6 +25,7 @@ from . import _log_kernels as K
 from . import _pair_kernels as PK
 from . import _rule_kernels as RK
 from . import _update_kernels as UK
+from . import _write_kernels as WK
 from .device import FileDevice
 from .helper import Helper
 from .index import HashIndex
@@ -224,7 +225,7 @@ def upsert(eng: Engine, keys: np.ndarray, values: np.ndarray) -> None:
     values = values.view(kernel_dtype(values.dtype))
     pos = 0
     while True:
-        pos, inserted = K.write_rows(idx.slot_keys, idx.slot_addrs, log.words, log.vals,
+        pos, inserted = WK.write_rows(idx.slot_keys, idx.slot_addrs, log.words, log.vals,
                                      log.f32, log.dirty, log.geo, log.marks, keys, values, pos)
         idx.count += inserted
         if pos == keys.shape[0]:
@@ -239,7 +240,7 @@ def delete(eng: Engine, keys: np.ndarray) -> int:
     eng.epoch += 1
     pos = removed = 0
     while True:
-        pos, r = K.delete_rows(idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo,
+        pos, r = WK.delete_rows(idx.slot_keys, idx.slot_addrs, log.words, log.dirty, log.geo,
                                log.marks, keys, pos)
         idx.count -= r
         removed += r
