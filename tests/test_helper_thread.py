@@ -255,3 +255,32 @@ def test_closing_with_an_update_pending_keeps_it(tmp_path, awake_helper):
         assert awake_helper.control[PK.DONE] == awake_helper.control[PK.SEQ]
         with mlkv.open(path) as s:
             assert (s.get(keys) == (-0.1 if checkpoint else 0.0)).all()
+
+
+def test_a_child_forked_while_an_update_runs_does_not_wait_for_it(tmp_path, awake_helper):
+    """A DataLoader's workers are forked when its iterator starts, maybe right after a
+    backward whose update still runs on the parent's helper: the child, which has no helper,
+    must not wait for it (at exit, a finalizer may close a store)."""
+    s = mlkv.open(str(tmp_path / "s"), dim=DIM, threads=2)
+    n = 2_000_000                       # an update of tens of milliseconds
+    keys = np.arange(n, dtype=np.int64)
+    s.put(keys, np.zeros((n, DIM), np.float32))
+    s.get(keys)
+    s.update(keys, np.ones((n, DIM), np.float32), "sgd", _hyper("sgd", 1), wait=False)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            s.close(checkpoint=False)
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child waited for the parent's update")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+    assert (s.get(keys[:1000]) == np.float32(-0.1)).all()

@@ -14,6 +14,7 @@ Inputs are already checked by :class:`mlkv.Store`: ``keys`` is a contiguous int6
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -343,7 +344,7 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
                              log.dirty, log.geo, log.marks, keys, grads, order, offsets,
                              hint_keys, hints, rule, rule_state_dim, hyper)
         if seq:
-            eng.pending = (helper, seq, job)
+            eng.pending = (helper, seq, job, os.getpid())
             return given
         helper.lock.release()
         helper.wake()
@@ -355,8 +356,12 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
 def finish_update(eng: Engine) -> None:
     """Wait for the update :func:`update` left to the helper, and do what it could not
     (evictions, rows on disk or absent)."""
-    helper, seq, job = eng.pending
+    helper, seq, job, pid = eng.pending
     eng.pending = None
+    if pid != os.getpid():
+        # a child forked while the update ran: no helper runs here, and its copy of the
+        # buffer pool is not the store's (the parent holds the store); nothing to wait for
+        return
     try:
         pos, status = PK.join_update(helper.control, seq)
     finally:
