@@ -12,13 +12,15 @@ Control block: an int64 vector, each field on a cache line of its own::
     word   0  SEQ     number of the last job posted (by the caller, store_release)
     word   8  CLAIM   number of the last job whose second half was claimed: the helper and
                       the caller both try compare_exchange(SEQ - 1 -> SEQ); one wins
-    word  16  DONE    number of the last job the helper finished
+    word  16  DONE    number of the last job finished (by the helper, or by the caller
+                      when it claimed the second half itself)
     word  24  STATE   AWAKE while the helper spins in serve(), ASLEEP once it left
     word  32  STOP    1: serve() returns at once, for good
     word  40  RESULT  what the helper's part returned (a read: how many keys it left for
                       later; an update: the position reached)
     word  41  STATUS  an update's status (``_update_kernels.DONE``, ...)
     word  42  KIND    JOB_READ or JOB_UPDATE
+    word  43  HELPED  how many jobs the helper did its part of (a count for tests and stats)
     word  48+ ARGS    the job's arrays, as addresses and sizes, and its scalars
 
 The caller writes the job's words, then SEQ (release); the helper reads SEQ (acquire), claims,
@@ -48,7 +50,8 @@ from ._log_kernels import M_HEAD, M_READ_ONLY, _copy_rows_out, _find_mutable_row
 from ._rule_kernels import RULE_ADAGRAD, RULE_ROWWISE_ADAGRAD, RULE_SGD
 from ._update_kernels import _update_adagrad, _update_adam, _update_rowwise_adagrad, _update_sgd
 
-SEQ, CLAIM, DONE, STATE, STOP, RESULT, STATUS, KIND, ARGS = 0, 8, 16, 24, 32, 40, 41, 42, 48
+SEQ, CLAIM, DONE, STATE, STOP, RESULT, STATUS, KIND, HELPED, ARGS = \
+    0, 8, 16, 24, 32, 40, 41, 42, 43, 48
 CONTROL_WORDS = 80
 ASLEEP, AWAKE = 0, 1
 JOB_READ, JOB_UPDATE = 1, 2
@@ -94,6 +97,7 @@ def serve(control, spin_limit):
                 _helpers_half(control)
             else:
                 _helpers_update(control)
+            control[HELPED] += 1
             store_release(control, DONE, seq)
         spins = 0
     store_release(control, STATE, ASLEEP)
@@ -153,6 +157,7 @@ def read_resident_pair(control, slot_keys, slot_addrs, words, vals, dirty, geo, 
             later += _find_mutable_rows(slot_keys, slot_addrs, vals, geo, head, read_only,
                                         keys_v[half:], addrs_v[half:], src[half:])
             _copy_rows_out(vals, src[half:], out_v[half:])
+            store_release(control, DONE, seq)
         else:
             while load_acquire(control, DONE) != seq:
                 spin_pause()
@@ -201,6 +206,7 @@ def join_update(control, seq):
     Returns ``update_rows``'s ``(position, status)``."""
     if compare_exchange(control, CLAIM, seq - 1, seq):
         _helpers_update(control)
+        store_release(control, DONE, seq)
     else:
         while load_acquire(control, DONE) != seq:
             spin_pause()
