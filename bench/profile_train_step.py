@@ -1,6 +1,7 @@
 """Where the time of a KVEmbedding training step goes (not a pytest benchmark).
 
     python bench/profile_train_step.py [--optimizer sgd] [--dist uniform] [--batches 200]
+                                       [--threads 1]
 
 The step of ``test_bench_torch.py`` (``out = emb(ids); out.backward(w)``, batches of 4,096
 ids, dim 64, 262,144 rows in memory, one torch thread), timed whole and split into its
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--optimizer", default="sgd", choices=("sgd", "adagrad", "adam"))
     parser.add_argument("--dist", default="uniform", choices=("uniform", "zipf"))
     parser.add_argument("--batches", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1, choices=(1, 2),
+                        help="the store's threads (2: reads and updates use mlkv's helper)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     batches = key_batches(args.dist, ROWS, args.batches)
@@ -46,6 +49,7 @@ def main() -> None:
     ids = [torch.from_numpy(b) for b in batches]
     with tempfile.TemporaryDirectory() as tmp:
         emb = KVEmbedding(DIM, path=os.path.join(tmp, "emb"), optimizer=args.optimizer, lr=LR,
+                          threads=args.threads,
                           memory_bytes=ROWS * 1024, page_bits=20)
         emb.from_dense(weight)
         store = emb.store
