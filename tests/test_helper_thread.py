@@ -285,3 +285,31 @@ def test_a_child_forked_while_an_update_runs_does_not_wait_for_it(tmp_path, awak
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(done[1]) == 0
     assert (s.get(keys[:1000]) == np.float32(-0.1)).all()
+
+
+def test_a_pipeline_with_threads_2_trains_as_one_thread(tmp_path, awake_helper):
+    """Lookahead on the pipeline's thread, reads shared with the helper, updates left to it,
+    most rows on disk: the numbers of the same pipeline with one thread (staleness 0; with
+    more, what a read sees depends on timing, on one thread too)."""
+    staleness = 0
+    torch = pytest.importorskip("torch")
+    from mlkv.frameworks.torch import KVEmbedding, Pipeline
+    gen = torch.Generator().manual_seed(7)
+    batches = [((torch.rand(1024, generator=gen) ** 2 * 5000).long(),
+                torch.randn(1024, 16, generator=gen)) for _ in range(20)]
+    results = []
+    for threads in (1, 2):
+        emb = KVEmbedding(16, path=str(tmp_path / f"e{threads}"), optimizer="adagrad", lr=0.1,
+                          memory_bytes=16 * 4096, page_bits=12, threads=threads)
+        losses = []
+        for ids, w in Pipeline(batches, {emb: lambda b: b[0]}, lookahead=2,
+                               staleness=staleness):
+            loss = (emb(ids) * w).sum()
+            loss.backward()
+            losses.append(loss.item())
+        keys = np.sort(emb.store.keys())
+        results.append((losses, keys, emb.store.get(keys)))
+        emb.close()
+    assert results[0][0] == results[1][0]
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    np.testing.assert_array_equal(results[0][2], results[1][2])
