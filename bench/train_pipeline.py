@@ -173,6 +173,7 @@ def parent(args) -> int:
                     t0 = time.perf_counter()
                     spec = {"path": work, "dist": dist, "config": cfg, "rows": table["rows"],
                             "dim": args.dim, "hidden": args.hidden, "lr": args.lr,
+                            "threads": args.threads,
                             "memory_bytes": args.memory_mib * MIB, "batches": args.batches,
                             "warmup": args.warmup, "seed": 100 + DISTS.index(dist),
                             "timeout": args.timeout}
@@ -207,6 +208,7 @@ def parent(args) -> int:
                                         + sys.argv[1:]),
         "machine": {**benchlib.machine(), "torch": _torch_version()},
         "settings": {"dim": args.dim, "batch": BATCH, "optimizer": "adagrad", "lr": args.lr,
+                     "threads": args.threads,
                      "hidden": args.hidden, "warmup_batches": args.warmup,
                      "timed_batches": args.batches, "repeat": args.repeat, "dists": dists,
                      "torch_threads_training": 1, "zipf_a": benchlib.ZIPF_A,
@@ -368,7 +370,7 @@ def child(spec: dict) -> int:
             return inputs[i].requires_grad_()
     else:
         emb = KVEmbedding(dim, path=spec["path"], optimizer="adagrad", lr=spec["lr"],
-                          memory_bytes=spec["memory_bytes"])
+                          memory_bytes=spec["memory_bytes"], threads=spec.get("threads", 1))
         store = emb.store
         train = {"hits": 0, "misses": 0}
         original = store.get_or_init
@@ -472,6 +474,8 @@ def main(argv=None) -> int:
                         help="table bytes (records with adagrad state) / memory_bytes (8)")
     parser.add_argument("--rows", type=int, default=0, help="rows (default: from --factor)")
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, choices=(1, 2),
+                        help="the table's threads (2: mlkv's helper thread; default 1)")
     parser.add_argument("--hidden", type=int, default=256, help="hidden units of the head")
     parser.add_argument("--lr", type=float, default=0.05, help="the table's adagrad lr")
     parser.add_argument("--lookahead", type=int, default=4, help="k of the lookahead runs (4)")
