@@ -60,7 +60,7 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
         ``False`` uses buffered I/O and drops the pages it touched after each batch.
     threads : {1, 2}
         Threads that work on a batch's rows in memory (default 1). With 2, a float32 store
-        shares reads of 512 rows or more with the process's helper thread, and
+        shares reads of 256 rows or more with the process's helper thread, and
         ``update(..., wait=False)`` runs on it while the caller goes on; the helper then
         spins on a core of its own for about a millisecond, waiting for the next job (see
         :mod:`mlkv.engine.helper`). The numbers are the same as with 1. Writes run on the
