@@ -27,8 +27,15 @@ def awake_helper(monkeypatch):
     while h.control[PK.STATE] != PK.AWAKE:
         assert time.monotonic() < deadline, "the helper thread did not start"
         time.sleep(0.001)
+    # each thread on a CPU of its own, so that on a loaded machine the scheduler does not
+    # queue the helper behind the test's own thread (it would never claim a half)
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, {cpus[0]})
+        os.sched_setaffinity(h._thread.native_id, {cpus[1]})
     yield h
     h.stop()
+    os.sched_setaffinity(0, cpus)
 
 
 def _pair(tmp_path, **options):
@@ -40,6 +47,18 @@ def _pair(tmp_path, **options):
 
 def _same(a, b, keys):
     np.testing.assert_array_equal(a.get_or_init(keys), b.get_or_init(keys))
+
+
+def _until_helped(helper, attempt, tries=300):
+    """Call ``attempt(i)`` until the helper has done its part of a job. On a loaded machine
+    the caller may claim every second half itself (correct, but it tests the caller alone)."""
+    for i in range(tries):
+        before = helper.control[PK.HELPED]
+        attempt(i)
+        if helper.control[PK.HELPED] > before:
+            return
+        time.sleep(0.002)         # let the scheduler run the helper in some of the tries
+    pytest.fail(f"the helper did no part of {tries} jobs")
 
 
 def test_reads_match_one_thread_with_rows_on_disk_absent_and_moved(tmp_path, awake_helper):
@@ -59,7 +78,8 @@ def test_reads_match_one_thread_with_rows_on_disk_absent_and_moved(tmp_path, awa
         assert a.stats()["hits"] == b.stats()["hits"]
         assert a.stats()["misses"] == b.stats()["misses"]
     assert awake_helper.control[PK.SEQ] > seq, "no read was shared"
-    assert awake_helper.control[PK.HELPED] > helped, "the helper did no half"
+    if awake_helper.control[PK.HELPED] == helped:
+        _until_helped(awake_helper, lambda i: _same(a, b, rng.integers(0, 25_000, 4096)))
     _same(a, b, np.arange(25_000))
 
 
@@ -68,16 +88,21 @@ def test_a_read_in_memory_is_split_between_the_threads(tmp_path, awake_helper):
     keys = np.arange(10_000, dtype=np.int64)
     for s in (a, b):
         s.put(keys, np.arange(keys.shape[0] * DIM, dtype=np.float32).reshape(-1, DIM))
-    done = awake_helper.control[PK.HELPED]
     batch = np.random.default_rng(1).integers(0, 10_000, 5000)
-    got = b.get(batch)
-    np.testing.assert_array_equal(got, a.get(batch))
-    np.testing.assert_array_equal(got[:, 0], batch * DIM)
-    assert awake_helper.control[PK.HELPED] == done + 1
-    # keys only the helper's half leaves for later (absent: created by the caller after)
-    batch = np.concatenate([np.arange(2000), np.arange(10_000, 12_000)])
-    _same(a, b, batch)
-    assert awake_helper.control[PK.HELPED] >= done + 2
+
+    def read(i):
+        got = b.get(batch)
+        np.testing.assert_array_equal(got, a.get(batch))
+        np.testing.assert_array_equal(got[:, 0], batch * DIM)
+
+    _until_helped(awake_helper, read)
+
+    def create(i):
+        # keys only the helper's half leaves for later (absent: created by the caller after)
+        first = 10_000 + 2000 * i
+        _same(a, b, np.concatenate([np.arange(2000), np.arange(first, first + 2000)]))
+
+    _until_helped(awake_helper, create)
 
 
 def test_a_sleeping_helper_is_woken_and_the_read_runs_alone(tmp_path, monkeypatch):
@@ -193,7 +218,14 @@ def test_training_with_threads_2_gives_the_numbers_of_one_thread(tmp_path, awake
             (out * w).sum().backward()
             outs.append(out.detach())
         torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-    assert awake_helper.control[PK.HELPED] > done
+    if awake_helper.control[PK.HELPED] == done:      # a loaded machine: more steps
+        def step(i):
+            ids = torch.randint(0, 3000, (2048,), generator=gen)
+            outs = [emb(ids) for emb in embs]
+            for out in outs:
+                out.sum().backward()
+            torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+        _until_helped(awake_helper, step)
     ids = torch.arange(3000)
     torch.testing.assert_close(embs[0](ids), embs[1](ids), rtol=0, atol=0)
 
