@@ -8,7 +8,7 @@ later call fails until the store is reopened at its last checkpoint.
 
 from __future__ import annotations
 
-from .engine.ops import finish_update
+from .engine.updates import finish_update
 from .errors import ClosedStoreError, DeviceError, ReadOnlyError
 
 

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 
 from . import config, inputs, lockfile
-from .engine import checkpoint, compaction, helper, ops
+from .engine import checkpoint, compaction, helper, ops, updates
 from .engine import _rule_kernels as rules
 from .engine import verify as verification
 from .engine.device import FileDevice
@@ -59,12 +59,9 @@ def open(path, dim=None, dtype=None, memory_bytes=None, state_dim=None, init=Non
         Bypass the OS page cache with ``O_DIRECT`` (default: where the file system allows).
         ``False`` uses buffered I/O and drops the pages it touched after each batch.
     threads : {1, 2}
-        Threads that work on a batch's rows in memory (default 1). With 2, a float32 store
-        shares reads of 256 rows or more with the process's helper thread, and
-        ``update(..., wait=False)`` runs on it while the caller goes on; the helper then
-        spins on a core of its own for about a millisecond, waiting for the next job (see
-        :mod:`mlkv.engine.helper`). The numbers are the same as with 1. Writes run on the
-        calling thread; disk reads use ``io_threads``.
+        Threads that work on a batch's rows in memory (default 1): with 2, a float32 store
+        shares its large reads, and runs ``update(..., wait=False)``, with a helper thread
+        that spins on a second core meanwhile (see :mod:`mlkv.engine.helper`). Same numbers.
 
     Returns
     -------
@@ -96,9 +93,7 @@ class Store:
                  auto_compact=DEFAULT_AUTO_COMPACT, threads=1):
         if auto_compact is not None and not 0 <= auto_compact < 1:
             raise ValueError(f"auto_compact must be a share in [0, 1) or None, got {auto_compact!r}")
-        if (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
-                or threads not in (1, 2)):
-            raise ValueError(f"threads must be 1 or 2, got {threads!r}")
+        helper.check_threads(threads)
         self.auto_compact, self.path, self.readonly = auto_compact or None, path, readonly
         self._lock, self._lock_fd = threading.RLock(), None
         self._closed, self._failure = True, None
@@ -128,9 +123,7 @@ class Store:
         except BaseException:
             lockfile.release(self._lock_fd)
             raise
-        if threads == 2 and s.np_dtype == np.float32:
-            self._engine.helper = helper.helper()
-        self.threads = threads
+        self._engine.helper = helper.for_store(threads, s.np_dtype)
         self.checkpoint_id = manifest.get("checkpoint_id", 0)
         #: id of the last checkpoint that changed the rows (see :meth:`checkpoint`)
         self.content_id = manifest.get("content_id", 0)
@@ -160,8 +153,8 @@ class Store:
     def engine(self) -> ops.Engine:
         """The engine's parts (index, log, device): for tools and tests, not a stable API."""
         with self._lock:
-            if self._engine is not None and self._engine.pending is not None:
-                ops.finish_update(self._engine)
+            if self._engine is not None:
+                updates.finish_update(self._engine)
         return self._engine
 
     # ---- rows -----------------------------------------------------------------------------
@@ -229,8 +222,8 @@ class Store:
         grads = inputs.as_values(grads, keys.shape[0], s.dim, s.np_dtype)
         code, need, hyper = rules.check_update(rule, hyper, s.dim, s.np_dtype, s.state_dim)
         with self._op(write=True):
-            self._counts["updates"] += ops.update(self._engine, keys, grads, code, need, hyper,
-                                                  self._init, unique, wait)
+            self._counts["updates"] += updates.update(self._engine, keys, grads, code, need,
+                                                      hyper, self._init, unique, wait)
             self._maybe_compact()
 
     def contains(self, keys) -> np.ndarray:
@@ -370,8 +363,7 @@ class Store:
                     self.checkpoint()
             finally:
                 try:
-                    if self._engine.pending is not None:
-                        ops.finish_update(self._engine)
+                    updates.finish_update(self._engine)
                 finally:
                     self._closed = True
                     self._engine.device.close()
@@ -404,9 +396,7 @@ class Store:
 
     # ---- helpers --------------------------------------------------------------------------
     def _op(self, write=False) -> Operation:
-        """``with self._op(write) as engine``: hold the store lock for one operation on an
-        open (and, if ``write``, writable) store. A device error stops the store: what is in
-        memory may no longer match the disk, so every later call fails until the store is
-        reopened at its last checkpoint."""
+        """``with self._op(write) as engine``: one operation on an open (and, if ``write``,
+        writable) store, under its lock (see :mod:`mlkv._operation`)."""
         return Operation(self, write)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mlkv.engine import _rule_kernels as RK
-from mlkv.engine import ops
+from mlkv.engine import updates
 from mlkv.engine._rule_kernels import apply, hyper_vector, state_dim
 
 # torch.optim.Adagrad builds sparse tensors without invariant checks and warns about it
@@ -396,7 +396,7 @@ def test_update_after_a_read_of_the_same_keys(tmp_path, between):
         grads = rng.standard_normal((ids.shape[0], dim)).astype(np.float32)
         hyper = hyper_vector("adagrad", lr=0.1, step=step)
         # the hints are offered exactly when nothing that moves rows ran in between
-        hinted = ops._read_hints(store.engine, ids)[1].shape[0] > 0
+        hinted = updates._read_hints(store.engine, ids)[1].shape[0] > 0
         assert hinted == (between in ("nothing", "other update", "ids changed"))
         store.update(ids, grads, "adagrad", hyper)
         unique, summed = coalesce(ids, grads)

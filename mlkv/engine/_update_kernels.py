@@ -51,7 +51,7 @@ def _locate_rows(slot_keys, slot_addrs, words, dirty, geo, marks, keys, order, o
 
     Without ``hints`` the index is probed for every key, a few keys ahead. With them (the
     keys a read just before read, ``hint_keys``, and the address it found for each, with no
-    insert, delete or upsert since: see :func:`mlkv.engine.ops.update`), a position whose
+    insert, delete or upsert since: see :func:`mlkv.engine.updates.update`), a position whose
     key is its hint's key and whose hinted address is at or above ``read_only`` has its live
     record there: records there never move, and ``read_only`` only rises, so it was there
     all along. Other keys are looked up.

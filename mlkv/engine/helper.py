@@ -3,7 +3,7 @@
 A store opened with ``threads=2`` shares the in-memory part of its large reads with one
 helper thread, the same for every store of the process, and leaves it the updates it is
 allowed not to wait for (see :mod:`._pair_kernels` for how the work is split and handed
-over, and :func:`.ops.update`). The helper spins in a
+over, and :func:`.updates.update`). The helper spins in a
 Numba kernel, holding no GIL, for about a millisecond after its last job, so the next batch
 of a training loop finds it awake; then it sleeps on an ``Event`` until a store wakes it.
 A batch that finds it asleep runs on one thread and wakes it for the next.
@@ -72,6 +72,19 @@ def helper() -> Helper:
             if _helper is None:
                 _helper = Helper()
     return _helper
+
+
+def check_threads(threads) -> None:
+    """Raise ``ValueError`` unless ``threads`` (a store's option) is 1 or 2."""
+    if (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+            or threads not in (1, 2)):
+        raise ValueError(f"threads must be 1 or 2, got {threads!r}")
+
+
+def for_store(threads: int, dtype) -> Helper | None:
+    """The helper a store opened with ``threads`` shares its work with: the process's, for a
+    float32 store with 2 (the helper's kernels read float32 rows), else None."""
+    return helper() if threads == 2 and dtype == np.float32 else None
 
 
 def _forget_in_child() -> None:

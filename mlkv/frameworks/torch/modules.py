@@ -79,7 +79,7 @@ from torch import nn
 import mlkv
 from mlkv.engine._batch_kernels import unique_inverse
 from mlkv.engine._rule_kernels import H_STEP, hyper_vector
-from mlkv.engine.ops import coalesce
+from mlkv.engine.updates import coalesce
 
 from . import _state
 from ._autograd import check_bag_input, check_ids, cpu_numpy, lookup, lookup_table
