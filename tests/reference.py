@@ -47,30 +47,30 @@ def mix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def unmix64(y: int) -> int:
-    """The inverse of :func:`mix64` (each step of the finalizer is a bijection of uint64)."""
-    def unxorshift(v, s):
-        x = v
-        for _ in range(64 // s + 1):
-            x = v ^ (x >> s)
-        return x
-    y = unxorshift(u64(y), 31)
-    y = (y * pow(0x94D049BB133111EB, -1, 1 << 64)) % (1 << 64)
-    y = unxorshift(y, 27)
-    y = (y * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) % (1 << 64)
-    return unxorshift(y, 30)
-
-
 def i64(x: int) -> int:
     """uint64 (or any Python int) reinterpreted as a two's-complement int64."""
     x = u64(x)
     return x - (1 << 64) if x >> 63 else x
 
 
+#: Fibonacci hashing's multiplier, 2**64 divided by the golden ratio, made odd
+FIBONACCI = 0x9E3779B97F4A7C15
+
+
+def key_hash(key: int) -> int:
+    """The index's hash: the key times :data:`FIBONACCI`, modulo 2**64."""
+    return (u64(key) * FIBONACCI) % (1 << 64)
+
+
+def unkey_hash(h: int) -> int:
+    """The inverse of :func:`key_hash` (the multiplier is odd, so invertible modulo 2**64)."""
+    return i64((u64(h) * pow(FIBONACCI, -1, 1 << 64)) % (1 << 64))
+
+
 def home_slot(key: int, capacity: int) -> int:
     """The top 32 bits of the key's hash scaled to ``capacity`` (a power of two <= 2**32)."""
     assert 0 < capacity <= MAX_CAPACITY and capacity & (capacity - 1) == 0, capacity
-    return ((mix64(u64(key)) >> 32) * capacity) >> 32
+    return ((key_hash(key) >> 32) * capacity) >> 32
 
 
 def key_with_home(home: int, capacity: int, pick: int) -> int:
@@ -82,7 +82,7 @@ def key_with_home(home: int, capacity: int, pick: int) -> int:
     assert 0 <= home < capacity
     span = (1 << 32) // capacity                # top-32-bit values per home slot
     top = home * span + (u64(pick) >> 32) % span
-    key = i64(unmix64((top << 32) | (pick & 0xFFFFFFFF)))
+    key = unkey_hash((top << 32) | (pick & 0xFFFFFFFF))
     assert home_slot(key, capacity) == home
     return key
 

@@ -74,17 +74,52 @@ def test_home_slot_matches_reference(key, bits):
     assert 0 <= h < capacity
 
 
-def test_unmix64_inverts_the_kernel_hash():
-    """The reference builds keys with a chosen home slot by inverting mix64: check the
-    inverse against the kernel, so those keys really land where the tests think."""
+def test_unkey_hash_inverts_the_kernel_hash():
+    """The reference builds keys with a chosen home slot by inverting the index's hash:
+    check the inverse against the kernel, so those keys really land where the tests think."""
     rng = np.random.default_rng(13)
-    for x in [0, 1, R.MASK64, R.GOLDEN] + rng.integers(0, 1 << 63, 300, dtype=np.uint64) \
+    for x in [0, 1, R.MASK64, R.FIBONACCI] + rng.integers(0, 1 << 63, 300, dtype=np.uint64) \
             .tolist():
-        assert int(IK.mix64(np.uint64(R.unmix64(x)))) == x
+        assert int(IK.key_hash(np.int64(R.unkey_hash(x)))) == x
+        assert R.key_hash(R.unkey_hash(x)) == x
     for cap in [1, 16, 1 << 17, 1 << 32]:
         for h in [0, cap // 2, cap - 1]:
             k = R.key_with_home(h, cap, int(rng.integers(0, 1 << 62)))
             assert IK.home_slot(np.int64(k), np.int64(cap)) == h
+
+
+@given(int64s)
+@settings(max_examples=300, deadline=None)
+def test_key_hash_matches_reference(key):
+    assert int(IK.key_hash(np.int64(key))) == R.key_hash(key)
+
+
+@pytest.mark.parametrize("name", ["0 .. n-1", "1,000 apart", "8 ranges under field << 32"])
+def test_consecutive_ids_land_near_their_home_slots(name):
+    """What the index's speed rests on (see ``key_hash``): ids that follow one another
+    spread evenly over the slots, so that even at the highest load the index runs at before
+    growing, no id is stored more than a few slots past its home, where random keys go
+    dozens past theirs."""
+    capacity = 1 << 16
+    n = int(0.74 * capacity)
+    assert n <= index_mod.MAX_LOAD * capacity
+    keys = {"0 .. n-1": np.arange(n), "1,000 apart": np.arange(n) * 1000,
+            "8 ranges under field << 32": (np.arange(8)[:, None] << 32
+                                           | np.arange(n // 8)[None, :]).ravel()}[name]
+    keys = keys.astype(np.int64)
+    random_keys = np.random.default_rng(3).integers(I64_MIN, I64_MAX, keys.shape[0],
+                                                     dtype=np.int64)
+    farthest = {}
+    for label, ks in (("ids", keys), ("random", random_keys)):
+        index = index_mod.HashIndex(capacity)
+        index.assign(ks, np.arange(1, ks.shape[0] + 1, dtype=np.int64))
+        assert index.capacity == capacity
+        slots = np.flatnonzero(index.slot_addrs)
+        # home slots computed apart from the kernels, in numpy's wrapping uint64 arithmetic
+        hashes = index.slot_keys[slots].astype(np.uint64) * np.uint64(R.FIBONACCI)
+        homes = ((hashes >> np.uint64(32)) * np.uint64(capacity)) >> np.uint64(32)
+        farthest[label] = int(((slots - homes.astype(np.int64)) % capacity).max())
+    assert farthest["ids"] <= 8 < 40 <= farthest["random"], farthest
 
 
 @given(st.lists(int64s, min_size=1, max_size=40), st.integers(0, 31))
@@ -94,7 +129,7 @@ def test_home_slot_monotone_in_the_hash_and_doubling(keys, bits):
     2h + 1: what lets a rehash that walks the old slots in order fill the new ones front to
     back (index.py). Checked on the reference and on the kernel alike."""
     cap = 1 << bits
-    by_hash = sorted(set(keys), key=R.mix64)
+    by_hash = sorted(set(keys), key=R.key_hash)
     for home in (R.home_slot, lambda k, c: int(IK.home_slot(np.int64(k), np.int64(c)))):
         homes = [home(k, cap) for k in by_hash]
         assert homes == sorted(homes)
@@ -103,7 +138,7 @@ def test_home_slot_monotone_in_the_hash_and_doubling(keys, bits):
     # the hashes at each end of a home slot's range (built by inverting the hash)
     for h in {0, cap // 3, cap - 1}:
         lo = R.key_with_home(h, cap, 0)                      # smallest hash homed at h
-        hi = R.i64(R.unmix64(((h + 1) * (1 << 32) // cap - 1) << 32 | 0xFFFFFFFF))
+        hi = R.unkey_hash(((h + 1) * (1 << 32) // cap - 1) << 32 | 0xFFFFFFFF)
         assert R.home_slot(hi, cap) == h
         assert IK.home_slot(np.int64(lo), np.int64(cap)) == h
         assert IK.home_slot(np.int64(hi), np.int64(cap)) == h

@@ -10,7 +10,7 @@ its positions' rows, in position order, as torch coalesces a sparse gradient.
 import numpy as np
 
 from .._jit import kernel
-from ._index_kernels import mix64
+from ._index_kernels import key_hash
 
 
 @kernel
@@ -18,10 +18,11 @@ def unique_inverse(ids):
     """``(unique, inverse)``: the distinct ``ids`` in first-seen order, and for each position
     the index of its id in ``unique`` (``unique[inverse] == ids``)."""
     n = ids.shape[0]
-    capacity = 16
-    while capacity < 2 * n:
-        capacity *= 2
-    mask = np.uint64(capacity - 1)
+    bits = 4
+    while (1 << bits) < 2 * n:
+        bits += 1
+    capacity = 1 << bits
+    shift = np.uint64(64 - bits)        # the top bits of the hash, as the index takes them
     table_ids = np.empty(capacity, dtype=np.int64)
     table_pos = np.full(capacity, -1, dtype=np.int64)    # index into unique; -1: empty
     unique = np.empty(n, dtype=np.int64)
@@ -29,7 +30,7 @@ def unique_inverse(ids):
     n_unique = 0
     for i in range(n):
         key = ids[i]
-        slot = np.int64(mix64(np.uint64(key)) & mask)
+        slot = np.int64(key_hash(key) >> shift)
         while table_pos[slot] >= 0 and table_ids[slot] != key:
             slot = (slot + 1) & (capacity - 1)
         if table_pos[slot] < 0:

