@@ -6,11 +6,11 @@ log starts at page 1), while keys may be any int64, so no key value could mark e
 zeros being "empty", a fresh index is free memory until keys land in it. Collisions probe
 linearly; deletion shifts later entries of the probe run back, so no tombstones are needed.
 
-A key's home slot is the top bits of its hash, scaled to the capacity
-(``(hash >> 32) * capacity >> 32``), the hash being Fibonacci hashing (:func:`key_hash`). Homes are then monotone in the hash: doubling the
-capacity sends home ``h`` to ``2h`` or ``2h + 1``, so a rehash that walks the old slots in
-order fills the new arrays front to back, and can hand the old slots back to the OS as it
-goes (see :meth:`HashIndex.reserve`).
+A key's home slot is the top bits of its hash (Fibonacci hashing, :func:`key_hash`), scaled
+to the capacity (``(hash >> 32) * capacity >> 32``). Homes are then monotone in the hash:
+doubling the capacity sends home ``h`` to ``2h`` or ``2h + 1``, so a rehash that walks the
+old slots in order fills the new arrays front to back, and can hand the old slots back to
+the OS as it goes (see :meth:`HashIndex.reserve`).
 
 A batch of keys is probed by :func:`find_slots` (or a loop of the log's kernels built on
 :func:`_probe_ahead`), which prefetches the home slots of the keys a few ahead.
