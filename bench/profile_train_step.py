@@ -53,8 +53,9 @@ def main() -> None:
     weight = torch.rand(ROWS, DIM, generator=torch.Generator().manual_seed(1)) * 0.2 - 0.1
     w = torch.randn(BATCH, DIM, generator=torch.Generator().manual_seed(3))
     ids = [torch.from_numpy(b) for b in batches]
-    hashed = np.random.default_rng(7).choice(1 << 62, ROWS, replace=False).astype(np.int64)
+    hashed = None
     if args.ids == "hashed":
+        hashed = np.random.default_rng(7).choice(1 << 62, ROWS, replace=False).astype(np.int64)
         batches = [hashed[b] for b in batches]
     mlkv_ids = [torch.from_numpy(b) for b in batches]
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,7 +63,7 @@ def main() -> None:
                           threads=args.threads,
                           memory_bytes=ROWS * 1024, page_bits=20)
         store = emb.store
-        if args.ids == "hashed":
+        if hashed is not None:
             store.put(hashed, weight.numpy())
         else:
             emb.from_dense(weight)
