@@ -60,12 +60,13 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
         if keys.shape[0] < inverse.shape[0]:
             order, offsets = BK.group_positions(inverse, keys.shape[0])
     helper = eng.helper
-    if (not wait and helper is not None and keys.shape[0] >= PK.PAIR_MIN_KEYS
-            and helper.lock.acquire(blocking=False)):
-        if order is NONE:        # the caller's own keys: a copy the caller cannot change
-            keys = keys.copy()
-        job = (keys, grads, rule, rule_state_dim, hyper, init, order, offsets, hint_keys,
-               hints, eng.epoch)
+    posting = (not wait and helper is not None and keys.shape[0] >= PK.PAIR_MIN_KEYS
+               and helper.lock.acquire(blocking=False))
+    if posting and order is NONE:    # the caller's own keys: a copy the caller cannot change
+        keys = keys.copy()
+    job = (keys, grads, rule, rule_state_dim, hyper, init, order, offsets, hint_keys, hints,
+           eng.epoch)
+    if posting:
         log, idx = eng.log, eng.index
         seq = PK.post_update(helper.control, idx.slot_keys, idx.slot_addrs, log.words,
                              log.dirty, log.geo, log.marks, keys, grads, order, offsets,
@@ -75,8 +76,7 @@ def update(eng: Engine, keys: np.ndarray, grads: np.ndarray, rule: int, rule_sta
             return given
         helper.lock.release()
         helper.wake()
-    _update_from(eng, (keys, grads, rule, rule_state_dim, hyper, init, order, offsets,
-                       hint_keys, hints, eng.epoch), 0)
+    _update_from(eng, job, 0)
     return given
 
 
